@@ -1,0 +1,33 @@
+"""Index helpers shared by every kernel.
+
+Every kernel sees its tensors as ``[N, C, S]`` views with explicit strides, so contiguous
+(``stride_s == 1``) and channels_last (``stride_c == 1``) inputs are read without copies. A
+program owns a block of ``BLOCK_C`` channels and walks a range of the ``M = N * S`` elements of
+each channel, ``BLOCK_M`` at a time; element ``m`` of a channel is sample ``m // S``, spatial
+position ``m % S``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_elements(elements, spatial_size, INT64: tl.constexpr):
+    """Split flat per-channel element indices ``[BLOCK_M]`` into (sample, spatial) indices.
+
+    With ``INT64`` the indices are widened first, so that ``index * stride`` cannot overflow
+    32 bits on tensors of 2**31 elements or more.
+    """
+    if INT64:
+        elements = elements.to(tl.int64)
+    sample = elements // spatial_size
+    spatial = elements - sample * spatial_size
+    return sample, spatial
+
+
+@triton.jit
+def tile_offsets(channels, sample, spatial, stride_n, stride_c, stride_s, INT64: tl.constexpr):
+    """Element offsets ``[BLOCK_C, BLOCK_M]`` of a channel block x element block tile."""
+    if INT64:
+        channels = channels.to(tl.int64)
+    return channels[:, None] * stride_c + (sample * stride_n + spatial * stride_s)[None, :]

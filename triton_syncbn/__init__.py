@@ -1,0 +1,13 @@
+"""triton-syncbn: drop-in synchronized BatchNorm for PyTorch, fused in Triton kernels.
+
+    import triton_syncbn
+    model = triton_syncbn.convert_sync_batchnorm(model)   # before DistributedDataParallel
+
+Importing this package touches no GPU and reads no environment variable of its own.
+"""
+
+from .functional import sync_batch_norm
+from .module import SyncBatchNorm, convert_sync_batchnorm
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
+__version__ = "0.1.0"

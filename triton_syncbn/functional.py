@@ -1,0 +1,106 @@
+"""The functional form and the input checks shared with the module."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .distributed import sync_group
+from .function import SyncBatchNormFunction
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_input(input: torch.Tensor, num_features: int | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming expected and actual values for unusable input."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2-D input (N, C, *), got {input.dim()}-D input of shape {tuple(input.shape)}")
+    if input.shape[1] == 0:
+        raise ValueError(f"expected a non-zero number of channels (dim 1), got input of shape {tuple(input.shape)}")
+    if num_features is not None and input.shape[1] != num_features:
+        raise ValueError(
+            f"expected input with {num_features} channels (num_features), got {input.shape[1]} "
+            f"(input shape {tuple(input.shape)})"
+        )
+    if input.dtype not in _FLOATING:
+        raise TypeError(f"expected a floating-point input (float16, bfloat16, float32, float64), got {input.dtype}")
+
+
+def check_per_channel(name: str, tensor: torch.Tensor | None, input: torch.Tensor) -> None:
+    """Check that a weight/bias/running-statistic tensor fits ``input`` ``(N, C, *)``."""
+    if tensor is None:
+        return
+    channels = input.shape[1]
+    if tensor.shape != (channels,):
+        raise ValueError(f"expected {name} of shape ({channels},), got {tuple(tensor.shape)}")
+    if tensor.device != input.device:
+        raise ValueError(f"expected {name} on the input's device {input.device}, got {tensor.device}")
+    if tensor.dtype not in (input.dtype, torch.float32):
+        raise TypeError(f"expected {name} of dtype {input.dtype} (the input's) or torch.float32, got {tensor.dtype}")
+
+
+def batch_norm_function(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    group: dist.ProcessGroup | None,
+    num_batches_tracked: torch.Tensor | None = None,
+    num_features: int | None = None,
+) -> torch.Tensor:
+    """Validate everything, then run ``SyncBatchNormFunction``; a rejected call changes nothing.
+
+    ``group`` is the resolved group to synchronize over (None: local statistics).
+    ``num_batches_tracked`` (int64 scalar), when given, is incremented once the call is known
+    to succeed; with ``momentum=None`` the running statistics then take ``1 / num_batches_tracked``.
+    """
+    check_input(input, num_features)
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_per_channel(name, tensor, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+    if not use_batch_stats and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when not training (they normalize the input)")
+    if num_batches_tracked is not None and num_batches_tracked.device != input.device:
+        raise ValueError(
+            f"expected num_batches_tracked on the input's device {input.device}, got {num_batches_tracked.device}"
+        )
+    if momentum is None and use_batch_stats and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, use_batch_stats, group
+    )
+
+
+def sync_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Synchronized ``F.batch_norm``: same arguments, plus the group to synchronize over.
+
+    ``input`` ``(N, C, *)`` with 2 to 5 dims in any memory format; ``weight``, ``bias``,
+    ``running_mean``, ``running_var`` ``[C]``. With ``training=True`` the statistics are those
+    of the union of the batches of ``process_group`` (default: WORLD) when torch.distributed is
+    initialized, else the local batch's; the running statistics, when given, are updated in
+    place with ``momentum``. With ``training=False`` the running statistics normalize the input
+    and nothing is communicated. Returns a tensor of ``input``'s shape, dtype and memory format.
+    """
+    group = sync_group(process_group) if training else None
+    return batch_norm_function(
+        input, running_mean, running_var, weight, bias,
+        use_batch_stats=training, momentum=momentum, eps=eps, group=group,
+    )  # fmt: skip

@@ -1,0 +1,231 @@
+"""Launchers for the Triton kernels: tensors in, grids and block sizes chosen, tensors out.
+
+Every launcher takes ``[N, C, S]`` views (see ``layout.channel_view``) and honours their
+strides, so contiguous and channels_last inputs are never copied. The same functions, with
+the same contracts, exist in plain torch in ``torch_path`` for CPU tensors when Triton's
+interpreter is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_syncbn.kernels import (
+    _backward_dx_kernel,
+    _backward_reduce_kernel,
+    _combine_grad_sums_kernel,
+    _combine_stats_kernel,
+    _normalize_kernel,
+    _partial_stats_kernel,
+)
+
+from .layout import accumulation_dtype
+
+# Elements per [BLOCK_C, BLOCK_M] tile: 16 fp32 values per thread at 4 warps.
+_TILE_ELEMENTS = 2048
+_MAX_BLOCK_C = 64
+# Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU.
+_PROGRAMS_PER_SM = 4
+# Under the interpreter programs run one after another; a few splits still exercise the paths.
+_INTERPRETER_PROGRAMS = 4
+_INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a ``[N, C, S]`` tensor is cut into programs: grid = (cdiv(C, block_c), splits)."""
+
+    block_c: int  # channels per program (power of two)
+    block_m: int  # elements per channel per loop step (power of two)
+    splits: int  # programs per channel block along the N * S axis
+    chunk: int  # elements per channel per split, a multiple of block_m
+
+    def grid(self, channels: int) -> tuple[int, int]:
+        return (triton.cdiv(channels, self.block_c), self.splits)
+
+
+def choose_tiling(view: torch.Tensor, max_splits: int | None = None) -> Tiling:
+    """Pick block sizes and the channel split for ``view`` ``[N, C, S]``.
+
+    Channels-contiguous inputs (channels_last, 2-D) get wide channel blocks so each row of the
+    tile is one coalesced read; otherwise a tile walks the contiguous spatial axis of one or a
+    few channels. When there are fewer channel blocks than the device can run at once, each
+    channel is split over several programs (a power of two, so few kernel variants compile).
+    ``max_splits`` caps the split count (tests use it to force the multi-split paths).
+    """
+    batch, channels, spatial = view.shape
+    elements = batch * spatial
+    if view.stride(1) == 1 and channels > 1:
+        block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
+        block_m = min(max(_TILE_ELEMENTS // block_c, 1), triton.next_power_of_2(max(elements, 1)))
+    else:
+        block_m = min(_TILE_ELEMENTS, triton.next_power_of_2(max(elements, 1)))
+        block_c = min(max(_TILE_ELEMENTS // block_m, 1), 16, triton.next_power_of_2(channels))
+    channel_blocks = triton.cdiv(channels, block_c)
+    wanted = triton.cdiv(_target_programs(view.device), channel_blocks)
+    splits = min(triton.next_power_of_2(wanted), triton.cdiv(max(elements, 1), block_m))
+    if max_splits is not None:
+        splits = min(splits, max_splits)
+    splits = max(splits, 1)
+    chunk = triton.cdiv(triton.cdiv(max(elements, 1), splits), block_m) * block_m
+    splits = triton.cdiv(max(elements, 1), chunk)
+    return Tiling(block_c=block_c, block_m=block_m, splits=splits, chunk=chunk)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_PROGRAMS
+
+
+def _needs_int64(*views: torch.Tensor) -> bool:
+    """True when an element offset of any view can exceed int32."""
+    for view in views:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(view.shape, view.stride()) if size > 0)
+        if span > _INT32_LIMIT or view.numel() > _INT32_LIMIT:
+            return True
+    return False
+
+
+def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def partial_stats(x: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+    """Local per-channel statistics of ``x`` ``[N, C, S]``.
+
+    Returns float64 ``[3, C]``: element count, sum and sum of squares per channel (exactly
+    merged moments expanded in float64; see ``kernels/stats.py``). N may be 0.
+    """
+    batch, channels, spatial = x.shape
+    elements = batch * spatial
+    tiling = tiling or choose_tiling(x)
+    acc_dtype = accumulation_dtype(x.dtype)
+    packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
+    partials = packed
+    if tiling.splits > 1:
+        partials = torch.empty(2, tiling.splits, channels, dtype=acc_dtype, device=x.device)
+    int64 = _needs_int64(x)
+    _partial_stats_kernel[tiling.grid(channels)](
+        x, partials, channels, spatial, elements, tiling.chunk, tiling.splits, *x.stride(),
+        ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=tiling.splits == 1,
+        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=int64,
+    )  # fmt: skip
+    if tiling.splits > 1:
+        _combine_stats_kernel[(triton.cdiv(channels, tiling.block_c),)](
+            partials, x, packed, channels, elements, tiling.chunk, tiling.splits, x.stride(1),
+            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c, INT64=int64,
+        )  # fmt: skip
+    return packed
+
+
+def normalize(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    tiling: Tiling | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``out`` = ``weight * (x - mean) * invstd + bias`` for ``x``, ``out`` ``[N, C, S]``.
+
+    With ``stats`` (float64 ``[3, C]`` global count, sum, sum of squares) the batch statistics
+    are used, and ``running_mean``/``running_var`` ``[C]``, when given, are updated in place
+    with ``momentum`` (or ``1 / num_batches_tracked`` when that int64 scalar tensor is given);
+    a zero global count leaves them unchanged. Without ``stats`` the running statistics are used.
+    Returns ``(mean, invstd)`` ``[C]`` in the accumulation dtype, as used, for backward.
+    """
+    batch, channels, spatial = x.shape
+    tiling = tiling or choose_tiling(x)
+    acc_dtype = accumulation_dtype(x.dtype)
+    mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
+    invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
+    batch_stats = stats is not None
+    update_running = batch_stats and running_mean is not None
+    cumulative = update_running and num_batches_tracked is not None
+    _normalize_kernel[tiling.grid(channels)](
+        x, out, weight, bias, stats, mean, invstd,
+        running_mean, running_var, num_batches_tracked if cumulative else None,
+        float(momentum), float(eps),
+        channels, spatial, batch * spatial, tiling.chunk, *x.stride(), *out.stride(),
+        BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative,
+        ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
+        INT64=_needs_int64(x, out),
+    )  # fmt: skip
+    return mean, invstd
+
+
+def backward_reduce(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight_grad_dtype: torch.dtype | None,
+    bias_grad_dtype: torch.dtype | None,
+    tiling: Tiling | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * xhat)`` of ``grad_out``, ``x`` ``[N, C, S]``.
+
+    Returns ``(sums, grad_weight, grad_bias)``: ``sums`` is ``[2, C]`` in the accumulation
+    dtype (what backward all-reduces); the local parameter grads ``[C]`` are returned in the
+    given dtypes, or None where the dtype is None.
+    """
+    batch, channels, spatial = x.shape
+    elements = batch * spatial
+    tiling = tiling or choose_tiling(x)
+    acc_dtype = accumulation_dtype(x.dtype)
+    sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
+    grad_weight = None if weight_grad_dtype is None else torch.empty(channels, dtype=weight_grad_dtype, device=x.device)
+    grad_bias = None if bias_grad_dtype is None else torch.empty(channels, dtype=bias_grad_dtype, device=x.device)
+    partials = sums
+    if tiling.splits > 1:
+        partials = torch.empty(2, tiling.splits, channels, dtype=acc_dtype, device=x.device)
+    _backward_reduce_kernel[tiling.grid(channels)](
+        grad_out, x, mean, invstd, partials, grad_weight, grad_bias,
+        channels, spatial, elements, tiling.chunk, tiling.splits, *grad_out.stride(), *x.stride(),
+        ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=tiling.splits == 1,
+        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x),
+    )  # fmt: skip
+    if tiling.splits > 1:
+        _combine_grad_sums_kernel[(triton.cdiv(channels, tiling.block_c),)](
+            partials, invstd, sums, grad_weight, grad_bias, channels, tiling.splits,
+            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c,
+        )  # fmt: skip
+    return sums, grad_weight, grad_bias
+
+
+def backward_dx(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sums: torch.Tensor | None,
+    count: torch.Tensor | None,
+    tiling: Tiling | None = None,
+) -> None:
+    """Write the input gradient into ``out`` ``[N, C, S]``.
+
+    With ``sums`` (global ``[2, C]`` sum_dy, sum_dy_xhat) and ``count`` (float64 ``[C]`` global
+    element count) the forward used batch statistics and their gradient is included;
+    without them the forward used running statistics and ``dx = weight * invstd * dy``.
+    """
+    batch, channels, spatial = x.shape
+    tiling = tiling or choose_tiling(x)
+    _backward_dx_kernel[tiling.grid(channels)](
+        grad_out, x, out, mean, invstd, weight, sums, count,
+        channels, spatial, batch * spatial, tiling.chunk,
+        *grad_out.stride(), *x.stride(), *out.stride(),
+        BATCH_STATS=sums is not None, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
+        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x, out),
+    )  # fmt: skip

@@ -1,0 +1,131 @@
+"""``SyncBatchNorm``: module state and torch's train/eval decision table; no math here."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .distributed import sync_group
+from .functional import batch_norm_function, check_input
+
+# torch added the keyword-only ``bias`` argument to the BatchNorm classes in a recent release.
+_TORCH_HAS_BIAS_ARGUMENT = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Drop-in replacement for ``torch.nn.SyncBatchNorm`` running fused Triton kernels.
+
+    Normalizes ``(N, C, *)`` input (2 to 5 dims, any memory format, fp16/bf16/fp32/fp64) with
+    statistics over the union of the batches of ``process_group`` (default: WORLD) in training,
+    with one all-reduce per direction. Parameters, buffers, their initial values and state_dict
+    keys are those of ``torch.nn.SyncBatchNorm`` and ``torch.nn.BatchNorm{1,2,3}d``.
+
+    Differences from ``torch.nn.SyncBatchNorm`` (all deliberate): CPU tensors synchronize over
+    gloo; single-process training runs the same kernels; a step where every rank's batch is
+    empty leaves running_mean/running_var unchanged; no host-device synchronization in forward
+    or backward; 1 value per channel is an error only when the *global* batch has 1 value per
+    channel.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        bias_kwargs = {}
+        if _TORCH_HAS_BIAS_ARGUMENT:
+            bias_kwargs["bias"] = bias
+        elif not bias:
+            raise TypeError(f"bias=False needs a torch whose BatchNorm accepts it; torch {torch.__version__} does not")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **bias_kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        check_input(input, self.num_features)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.process_group is not None:
+            text += f", process_group={self.process_group}"
+        return text
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``input`` ``(N, C, *)`` -> tensor of the same shape, dtype and memory format."""
+        check_input(input, self.num_features)
+        # torch's decision table (see torch.nn.modules.batchnorm._BatchNorm.forward): batch
+        # statistics in training, and in eval when there are no running statistics; buffers are
+        # updated only in training when tracked; synchronization only in training mode.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracks = not self.training or self.track_running_stats
+        counts_batch = self.training and self.track_running_stats
+        group = sync_group(self.process_group) if (use_batch_stats and self.training) else None
+        return batch_norm_function(
+            input,
+            self.running_mean if tracks else None,
+            self.running_var if tracks else None,
+            self.weight,
+            self.bias,
+            use_batch_stats=use_batch_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            group=group,
+            num_batches_tracked=self.num_batches_tracked if counts_batch else None,
+            num_features=self.num_features,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+        """Replace every ``_BatchNorm`` in ``module`` (recursively) by ``triton_syncbn.SyncBatchNorm``.
+
+        Same semantics as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters and
+        buffers are shared (same objects), ``training`` and ``qconfig`` carry over, and a new
+        module is returned when ``module`` itself is a BatchNorm. Call it before wrapping the
+        model in ``DistributedDataParallel``.
+        """
+        converted = module
+        if isinstance(module, _BatchNorm):
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                raise ValueError(
+                    f"cannot convert an uninitialized lazy BatchNorm ({type(module).__name__}): run one "
+                    "forward pass (or call initialize_parameters) first so that num_features is known"
+                )
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                bias=not module.affine or module.bias is not None,
+            )
+            if module.affine:
+                with torch.no_grad():
+                    converted.weight = module.weight
+                    converted.bias = module.bias
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Functional alias of ``SyncBatchNorm.convert_sync_batchnorm``."""
+    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)

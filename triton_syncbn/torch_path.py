@@ -1,0 +1,133 @@
+"""The kernel contracts of ``launchers`` in plain torch ops, for CPU tensors.
+
+Used when Triton's interpreter is off (the normal case on CPU), so CPU training over gloo works.
+Same inputs, outputs, dtypes and in-place effects as the Triton launchers; the tests hold both
+to the same float64 oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import accumulation_dtype
+
+
+def _per_channel(view: torch.Tensor) -> torch.Tensor:
+    """``[N, C, S]`` -> ``[C, N * S]`` (a copy in the accumulation dtype)."""
+    return view.transpose(0, 1).reshape(view.shape[1], -1).to(accumulation_dtype(view.dtype))
+
+
+def _broadcast(per_channel: torch.Tensor) -> torch.Tensor:
+    """``[C]`` -> ``[1, C, 1]`` to broadcast over an ``[N, C, S]`` view."""
+    return per_channel.view(1, -1, 1)
+
+
+def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
+    """Local per-channel float64 ``[3, C]`` (count, sum, sum of squares) of ``x`` ``[N, C, S]``.
+
+    Two-pass moments in the accumulation dtype (mean, then squared deviations), expanded into
+    sums in float64, as the kernels do.
+    """
+    values = _per_channel(x)
+    channels, count = values.shape
+    packed = torch.zeros(3, channels, dtype=torch.float64, device=x.device)
+    packed[0] = count
+    if count == 0:
+        return packed
+    mean = values.mean(dim=1)
+    m2 = (values - mean[:, None]).square().sum(dim=1)
+    mean64 = mean.to(torch.float64)
+    packed[1] = count * mean64
+    packed[2] = m2.to(torch.float64) + count * mean64 * mean64
+    return packed
+
+
+def normalize(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    tiling: object = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``launchers.normalize``."""
+    acc_dtype = accumulation_dtype(x.dtype)
+    if stats is not None:
+        count, total, total_sq = stats.unbind(0)
+        safe_count = count.clamp(min=1.0)
+        mean64 = total / safe_count
+        m2 = (total_sq - total * mean64).clamp(min=0.0)
+        var64 = m2 / safe_count
+        mean = mean64.to(acc_dtype)
+        invstd = (1.0 / torch.sqrt(var64 + eps)).to(acc_dtype)
+        if running_mean is not None and running_var is not None:
+            if num_batches_tracked is not None:
+                factor = 1.0 / num_batches_tracked.to(torch.float64)
+            else:
+                factor = torch.tensor(float(momentum), dtype=torch.float64)
+            update = count > 0
+            unbiased_var = m2 / (count - 1.0).clamp(min=1.0)
+            old_mean = running_mean.to(torch.float64)
+            old_var = running_var.to(torch.float64)
+            new_mean = torch.where(update, old_mean + factor * (mean64 - old_mean), old_mean)
+            new_var = torch.where(update, old_var + factor * (unbiased_var - old_var), old_var)
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    else:
+        mean = running_mean.to(acc_dtype)
+        invstd = 1.0 / torch.sqrt(running_var.to(acc_dtype) + eps)
+    scale = invstd if weight is None else invstd * weight.to(acc_dtype)
+    y = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(scale)
+    if bias is not None:
+        y = y + _broadcast(bias.to(acc_dtype))
+    out.copy_(y)
+    return mean, invstd
+
+
+def backward_reduce(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight_grad_dtype: torch.dtype | None,
+    bias_grad_dtype: torch.dtype | None,
+    tiling: object = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Same contract as ``launchers.backward_reduce``."""
+    dy = _per_channel(grad_out)
+    centered = _per_channel(x) - mean[:, None]
+    sum_dy = dy.sum(dim=1)
+    sum_dy_xhat = (dy * centered).sum(dim=1) * invstd
+    sums = torch.stack([sum_dy, sum_dy_xhat])
+    grad_weight = None if weight_grad_dtype is None else sum_dy_xhat.to(weight_grad_dtype)
+    grad_bias = None if bias_grad_dtype is None else sum_dy.to(bias_grad_dtype)
+    return sums, grad_weight, grad_bias
+
+
+def backward_dx(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sums: torch.Tensor | None,
+    count: torch.Tensor | None,
+    tiling: object = None,
+) -> None:
+    """Same contract as ``launchers.backward_dx``."""
+    acc_dtype = accumulation_dtype(x.dtype)
+    scale = invstd if weight is None else invstd * weight.to(acc_dtype)
+    dy = grad_out.to(acc_dtype)
+    if sums is not None and count is not None:
+        safe_count = count.clamp(min=1.0)
+        mean_dy = (sums[0] / safe_count).to(acc_dtype)
+        mean_dy_xhat = (sums[1] / safe_count).to(acc_dtype)
+        xhat = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(invstd)
+        dy = dy - _broadcast(mean_dy) - xhat * _broadcast(mean_dy_xhat)
+    out.copy_(dy * _broadcast(scale))
