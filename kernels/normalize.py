@@ -67,6 +67,10 @@ def _normalize_kernel(
                 unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
                 new_mean = old_mean + factor * (mean64 - old_mean)
                 new_var = old_var + factor * (unbiased_var - old_var)
+                # float64 -> float32 -> buffer dtype: a direct float64 -> bfloat16 conversion is
+                # not supported everywhere (Triton's interpreter writes zeros).
+                new_mean = new_mean.to(tl.float32).to(running_mean_ptr.dtype.element_ty)
+                new_var = new_var.to(tl.float32).to(running_var_ptr.dtype.element_ty)
                 tl.store(running_mean_ptr + channels, new_mean, mask=update)
                 tl.store(running_var_ptr + channels, new_var, mask=update)
     else:

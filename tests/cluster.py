@@ -1,0 +1,125 @@
+"""A pool of spawned worker processes joined in one real gloo process group, reused by tests.
+
+Starting torch in a fresh process costs seconds, so a test does not spawn its own ranks: it
+sends a picklable function to every worker of a running cluster and gets each rank's return
+value back. Functions build smaller groups (world sizes 1..N) with ``dist.new_group`` as they
+need them; ranks outside such a group take part as non-members. A cluster whose task failed or
+timed out is shut down, and the next test starts a fresh one.
+
+``env`` is applied in each worker before anything imports triton, so one cluster can run the
+Triton kernels through the interpreter (``TRITON_INTERPRET=1``) and another the plain-torch path.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+# Long enough for the interpreter on 2 busy cores, short enough that a hang fails the test.
+COLLECTIVE_TIMEOUT_S = 120
+TASK_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_main(
+    rank: int, world_size: int, port: int, env: dict[str, str], tasks: mp.Queue, results: mp.Queue
+) -> None:
+    os.environ.update(env)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        function, args = task
+        try:
+            results.put((rank, True, function(*args)))
+        except BaseException:  # noqa: BLE001 - every failure goes back to the test
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class ClusterError(RuntimeError):
+    """A task failed on some rank or did not finish in time."""
+
+
+class GlooCluster:
+    """``world_size`` spawned processes in one gloo group; see the module docstring."""
+
+    def __init__(self, world_size: int, env: dict[str, str]) -> None:
+        self.world_size = world_size
+        self.env = dict(env)
+        context = mp.get_context("spawn")
+        port = _free_port()
+        self._tasks = [context.Queue() for _ in range(world_size)]
+        self._results = context.Queue()
+        self._processes = [
+            context.Process(
+                target=_worker_main,
+                args=(rank, world_size, port, self.env, self._tasks[rank], self._results),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for process in self._processes:
+            process.start()
+        self.healthy = True
+
+    def run(self, function: Callable[..., Any], *args: Any, timeout: float = TASK_TIMEOUT_S) -> list[Any]:
+        """Run ``function(*args)`` on every rank; return the per-rank results, rank order."""
+        if not self.healthy:
+            raise ClusterError("this cluster was shut down after an earlier failure")
+        for task_queue in self._tasks:
+            task_queue.put((function, args))
+        results: dict[int, Any] = {}
+        failures: list[str] = []
+        try:
+            while len(results) + len(failures) < self.world_size:
+                rank, ok, value = self._results.get(timeout=timeout)
+                if ok:
+                    results[rank] = value
+                else:
+                    failures.append(f"rank {rank}:\n{value}")
+        except queue.Empty:
+            self.close()
+            raise ClusterError(
+                f"{function.__name__} did not finish on every rank within {timeout} s "
+                f"(finished: {sorted(results)}; failures: {failures})"
+            ) from None
+        if failures:
+            self.close()
+            raise ClusterError(f"{function.__name__} failed:\n" + "\n".join(failures))
+        return [results[rank] for rank in range(self.world_size)]
+
+    def close(self) -> None:
+        self.healthy = False
+        for task_queue in self._tasks:
+            try:
+                task_queue.put(None)
+            except (ValueError, OSError):
+                pass
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
