@@ -58,6 +58,11 @@ def run_case(case: Case) -> dict[str, object] | None:
     rank = current_rank()
     if rank >= case.world:
         return None
+    return run_case_as(case, group, rank)
+
+
+def run_case_as(case: Case, group: dist.ProcessGroup | None, rank: int) -> dict[str, object]:
+    """``run_case`` as member ``rank`` of the case's batches, synchronizing over ``group``."""
     module = build_module(case, group)
     memory_format = memory_format_of(case)
     result: dict[str, list] = {"outputs": [], "input_grads": [], "weight_grads": [], "bias_grads": []}
@@ -83,3 +88,123 @@ def run_case(case: Case) -> dict[str, object] | None:
     result["num_batches_tracked"] = None if tracked is None else int(tracked)
     result["param_dtypes"] = {name: p.dtype for name, p in module.named_parameters()}
     return result
+
+
+def run_pair_groups(first: Case, second: Case) -> dict[str, object]:
+    """Ranks 0-1 run ``first`` in group [0, 1]; ranks 2-3 run ``second`` in group [2, 3]."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    rank = current_rank()
+    return run_case_as((first, second)[rank // 2], pairs[rank // 2], rank % 2)
+
+
+def run_outside_group(member_case: Case, outsider_case: Case) -> dict[str, object]:
+    """Ranks 0-1 run ``member_case`` in group [0, 1]; ranks 2 and 3 hold modules bound to that
+    same group, which they are not part of, and run ``outsider_case`` (one rank) on their own."""
+    group = subgroup(2)
+    rank = current_rank()
+    if rank < 2:
+        return run_case_as(member_case, group, rank)
+    return run_case_as(outsider_case, group, 0)
+
+
+def gloo_events(profile: torch.profiler.profile) -> int:
+    return sum(1 for event in profile.events() if event.name.startswith("gloo:"))
+
+
+def count_collectives(case: Case, input_requires_grad: bool) -> dict[str, int] | None:
+    """Collectives issued by one forward and one backward, counted from the profiler's gloo events."""
+    group = subgroup(case.world)
+    rank = current_rank()
+    if rank >= case.world:
+        return None
+    module = build_module(case, group)
+    x_global, dy_global = global_batch(case, 0)
+    rows = rank_rows(case, rank)
+    x = x_global[rows].to(case.dtype).requires_grad_(input_requires_grad)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as forward_profile:
+        y = module(x)
+    with torch.profiler.profile(activities=activities) as backward_profile:
+        y.backward(dy_global[rows].to(case.dtype))
+    return {"forward": gloo_events(forward_profile), "backward": gloo_events(backward_profile)}
+
+
+def expect_value_error(case: Case) -> dict[str, object] | None:
+    """Run one training step that must raise ValueError; report the message and the buffers."""
+    group = subgroup(case.world)
+    rank = current_rank()
+    if rank >= case.world:
+        return None
+    module = build_module(case, group)
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    x_global, _ = global_batch(case, 0)
+    try:
+        module(x_global[rank_rows(case, rank)].to(case.dtype))
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = None
+    unchanged = all(torch.equal(before[name], value) for name, value in module.state_dict().items())
+    return {"message": message, "state_unchanged": unchanged}
+
+
+def train_ddp(batches: tuple[int, ...], steps: int, ddp_options: dict[str, object]) -> dict[str, torch.Tensor] | None:
+    """Train a converted conv net under DistributedDataParallel; return its final state dict."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    world = len(batches)
+    group = subgroup(world)
+    rank = current_rank()
+    if rank >= world:
+        return None
+    model = triton_syncbn.convert_sync_batchnorm(small_convnet(), process_group=group)
+    ddp = DistributedDataParallel(model, process_group=group, **ddp_options)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    start = sum(batches[:rank])
+    for step in range(steps):
+        inputs, targets = convnet_batch(sum(batches), step)
+        rows = slice(start, start + batches[rank])
+        # DDP averages gradients over ranks, so scaling by world / global N makes the
+        # averaged gradient that of the global-batch mean loss.
+        loss = (ddp(inputs[rows]) - targets[rows]).square().sum() * world / sum(batches)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def small_convnet() -> torch.nn.Module:
+    """A float64 conv net with BatchNorm1d/2d layers, identical on every rank (fixed seed)."""
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 6, 3, stride=2),
+        torch.nn.BatchNorm2d(6, momentum=None),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 3 * 3, 5),
+        torch.nn.BatchNorm1d(5),
+        torch.nn.Linear(5, 2),
+    ).double()
+
+
+def convnet_batch(size: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    inputs = torch.randn(size, 3, 8, 8, generator=gen, dtype=torch.float64) * 2 + 1
+    targets = torch.randn(size, 2, generator=gen, dtype=torch.float64)
+    return inputs, targets
+
+
+def train_single_process(size: int, steps: int) -> dict[str, torch.Tensor]:
+    """The reference for ``train_ddp``: the unconverted model on the whole batch, one process."""
+    model = small_convnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        inputs, targets = convnet_batch(size, step)
+        loss = (model(inputs) - targets).square().sum() / size
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}

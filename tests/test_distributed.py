@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import Case, check_case
+import torch.nn.functional as F
+
+import rank_tasks
+from oracle import Case, assert_close, check_case, global_batch, initial_state, rank_rows
 from rank_tasks import run_case
 
 pytestmark = pytest.mark.distributed
@@ -37,3 +40,79 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_matches_global_batch_norm(clusters, case: Case, backend: str) -> None:
     check_case(case, clusters(backend).run(run_case, case))
+
+
+def local_batch_norm(case: Case, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 BatchNorm of one rank's rows alone (output, input grad)."""
+    x_global, dy_global = global_batch(case, step)
+    rows = rank_rows(case, rank)
+    x = x_global[rows].clone().requires_grad_(True)
+    state = initial_state(case)
+    y = F.batch_norm(x, None, None, state["weight"], state["bias"], True, 0.0, case.eps)
+    (grad,) = torch.autograd.grad(y, x, dy_global[rows])
+    return y.detach(), grad
+
+
+def test_eval_without_running_stats_uses_local_batch(clusters) -> None:
+    """Like torch: no collective in eval mode; without buffers each rank uses its own batch."""
+    case = Case(batches=(3, 4), training=False, track_running_stats=False, steps=1)
+    results = clusters("torch-cpu").run(run_case, case)
+    for rank in range(case.world):
+        output, grad = local_batch_norm(case, rank, 0)
+        assert_close(results[rank]["outputs"][0], output, case.dtype, f"rank {rank} output")
+        assert_close(results[rank]["input_grads"][0], grad, case.dtype, f"rank {rank} dx")
+
+
+@pytest.mark.parametrize("backend", ["torch-cpu", "interpreter"])
+def test_process_subgroups_are_independent(clusters, backend: str) -> None:
+    first, second = Case(batches=(3, 5), seed=1), Case(batches=(2, 0), tail=(3, 5), channels_last=False, seed=2)
+    results = clusters(backend).run(rank_tasks.run_pair_groups, first, second)
+    check_case(first, results[:2])
+    check_case(second, results[2:])
+
+
+def test_rank_outside_its_group_uses_local_statistics(clusters) -> None:
+    member, outsider = Case(batches=(3, 5), seed=3), Case(batches=(4,), seed=4)
+    results = clusters("torch-cpu").run(rank_tasks.run_outside_group, member, outsider)
+    check_case(member, results[:2])
+    check_case(outsider, results[2:3])
+    check_case(outsider, results[3:4])
+
+
+@pytest.mark.parametrize("backend", ["torch-cpu", "interpreter"])
+@pytest.mark.parametrize(
+    ("case", "input_requires_grad", "expected"),
+    [
+        (Case(batches=(3, 0, 2, 4)), True, {"forward": 1, "backward": 1}),
+        (Case(batches=(3, 2)), False, {"forward": 1, "backward": 0}),  # no grad for x: no backward sync
+        (Case(batches=(3, 2), training=False), True, {"forward": 0, "backward": 0}),
+        (Case(batches=(5,)), True, {"forward": 0, "backward": 0}),  # a one-rank group
+    ],
+    ids=["train", "train-x-no-grad", "eval", "one-rank"],
+)
+def test_collectives_per_direction(clusters, backend: str, case: Case, input_requires_grad: bool, expected) -> None:
+    results = clusters(backend).run(rank_tasks.count_collectives, case, input_requires_grad)
+    assert results[: case.world] == [expected] * case.world
+
+
+def test_one_value_per_channel_globally_is_an_error(clusters) -> None:
+    case = Case(batches=(1, 0, 0), tail=(3,))
+    results = clusters("torch-cpu").run(rank_tasks.expect_value_error, case)
+    for result in results[: case.world]:
+        assert result["message"] is not None and "more than 1 value per channel" in result["message"]
+        assert result["state_unchanged"]
+
+
+@pytest.mark.parametrize(
+    "ddp_options",
+    [{}, {"broadcast_buffers": False}, {"static_graph": True}],
+    ids=["default", "no-broadcast-buffers", "static-graph"],
+)
+def test_ddp_training_matches_one_process(clusters, ddp_options: dict) -> None:
+    batches, steps = (3, 0, 5, 2), 3
+    results = clusters("torch-cpu").run(rank_tasks.train_ddp, batches, steps, ddp_options)
+    expected = rank_tasks.train_single_process(sum(batches), steps)
+    for rank, state in enumerate(results):
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(state[name], value, atol=1e-9, rtol=1e-9, msg=f"rank {rank} {name}")
