@@ -1,0 +1,134 @@
+"""Kernel-contract checks run inside an interpreter worker (``TRITON_INTERPRET=1``).
+
+``run_kernel_case`` feeds the same inputs to the Triton launchers (through Triton's interpreter)
+and to the plain-torch path, with outputs poisoned (NaN) before the kernels run, and returns
+both results for the test process to hold against float64 references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from triton_syncbn import launchers, torch_path
+from triton_syncbn.kernels import INTERPRETED
+from triton_syncbn.layout import channel_view, empty_output_like
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"  # contiguous | channels_last | sliced | permuted
+    grad_layout: str = "same"  # same | contiguous | expanded
+    tiles: tuple[int, int, int] | None = None  # (block_c, block_m, splits); None: launchers' choice
+    mode: str = "batch"  # batch | cumulative | running
+    weight: bool = True
+    bias: bool = True
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        tiles = "auto" if self.tiles is None else "t" + "-".join(map(str, self.tiles))
+        params = "wb" if self.weight and self.bias else ("w" if self.weight else "noaffine")
+        shape = "x".join(map(str, self.shape))
+        return f"{shape}-{str(self.dtype)[6:]}-{self.layout}-dy_{self.grad_layout}-{tiles}-{self.mode}-{params}"
+
+
+def make_inputs(case: KernelCase) -> dict[str, torch.Tensor]:
+    """Deterministic float64 inputs (values rounded to the case's dtype)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    channels = case.shape[1]
+    means = 3 * torch.randn(channels, generator=gen, dtype=torch.float64)
+    view = (1, channels) + (1,) * (len(case.shape) - 2)
+    x = torch.randn(case.shape, generator=gen, dtype=torch.float64) * 1.5 + means.view(view)
+    dy = torch.randn(case.shape, generator=gen, dtype=torch.float64)
+    if case.grad_layout == "expanded":
+        dy = torch.full((1,) * len(case.shape), 0.75, dtype=torch.float64).expand(case.shape)
+    return {
+        "x": x.to(case.dtype).double(),
+        "dy": dy.to(case.dtype).double(),
+        "weight": 1 + 0.5 * torch.randn(channels, generator=gen, dtype=torch.float64),
+        "bias": torch.randn(channels, generator=gen, dtype=torch.float64),
+        "running_mean": torch.randn(channels, generator=gen, dtype=torch.float64),
+        "running_var": 0.5 + torch.rand(channels, generator=gen, dtype=torch.float64),
+    }
+
+
+def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        memory_format = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
+        return tensor.contiguous(memory_format=memory_format)
+    if layout == "sliced":  # every other channel of a twice-as-wide tensor: channel stride 2 * S
+        wide = torch.repeat_interleave(tensor, 2, dim=1)
+        return wide[:, ::2]
+    if layout == "permuted":  # spatial dims stored W-major: no single spatial stride, so a copy
+        return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return tensor.contiguous()
+
+
+def _tiling(case: KernelCase, view: torch.Tensor) -> launchers.Tiling | None:
+    if case.tiles is None:
+        return None
+    block_c, block_m, splits = case.tiles
+    elements = max(view.shape[0] * view.shape[2], 1)
+    chunk = triton.cdiv(triton.cdiv(elements, splits), block_m) * block_m
+    return launchers.Tiling(block_c=block_c, block_m=block_m, splits=triton.cdiv(elements, chunk), chunk=chunk)
+
+
+def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
+    """Both backends on the same inputs; rank 0 of the cluster only."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    if not INTERPRETED:
+        raise RuntimeError("run_kernel_case needs a worker started with TRITON_INTERPRET=1")
+    inputs = make_inputs(case)
+    x = _layout(inputs["x"].to(case.dtype), case.layout)
+    dy = inputs["dy"].to(case.dtype)
+    dy = dy if case.grad_layout == "expanded" else _layout(dy, "contiguous" if case.grad_layout == "contiguous" else case.layout)
+    weight = inputs["weight"].float() if case.weight else None
+    bias = inputs["bias"].float() if case.weight and case.bias else None
+    x_view, dy_view = channel_view(x), channel_view(dy)
+    tiling = _tiling(case, x_view)
+    results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
+    for name, backend in (("triton", launchers), ("torch", torch_path)):
+        running_mean, running_var = inputs["running_mean"].float(), inputs["running_var"].float()
+        num_batches = torch.tensor(3, dtype=torch.int64)
+        stats = backend.partial_stats(x_view, tiling)
+        output, output_view = empty_output_like(x)
+        output.fill_(float("nan"))
+        batch = case.mode != "running"
+        mean, invstd = backend.normalize(
+            x_view, output_view, weight, bias, stats if batch else None, running_mean, running_var,
+            num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, tiling,
+        )  # fmt: skip
+        sums, grad_weight, grad_bias = backend.backward_reduce(
+            dy_view, x_view, mean, invstd, torch.float32 if weight is not None else None,
+            torch.float32 if bias is not None else None, tiling,
+        )  # fmt: skip
+        grad_input, grad_input_view = empty_output_like(x)
+        grad_input.fill_(float("nan"))
+        backend.backward_dx(
+            dy_view, x_view, grad_input_view, mean, invstd, weight,
+            sums if batch else None, stats[0] if batch else None, tiling,
+        )  # fmt: skip
+        results["strides_kept"][name] = output.stride() == grad_input.stride() and (
+            case.layout in ("sliced", "permuted") or output.stride() == x.stride()
+        )
+        results[name] = {
+            "stats": stats,
+            "output": output,
+            "mean": mean,
+            "invstd": invstd,
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "sums": sums,
+            "grad_weight": grad_weight,
+            "grad_bias": grad_bias,
+            "grad_input": grad_input,
+        }
+    return results
