@@ -19,9 +19,7 @@ from .indexing import split_elements, tile_offsets
 
 
 @triton.jit
-def _store_grad_sums(
-    sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd
-):
+def _store_grad_sums(sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd):
     """Write ``sums_ptr[2, C]`` = (sum_dy, sum_dy_xhat) and, where given, the parameter grads."""
     sum_dy_xhat = sum_dy_xmu * invstd
     tl.store(sums_ptr + channels, sum_dy, mask=channel_mask)
@@ -41,11 +39,17 @@ def _backward_reduce_kernel(
     sums_ptr,  # FINAL_OUTPUT: ACC_DTYPE [2, C] (sum_dy, sum_dy_xhat); else [2, num_splits, C] (sum_dy, sum_dy_xmu)
     grad_weight_ptr,  # [C] weight's dtype or None; written only when FINAL_OUTPUT
     grad_bias_ptr,  # [C] bias's dtype or None; written only when FINAL_OUTPUT
-    C, S, M,  # channels, spatial size, elements per channel
+    C,
+    S,
+    M,  # channels, spatial size, elements per channel
     chunk,  # elements per channel handled by one split
     num_splits,  # programs per channel block along the element axis (grid axis 1)
-    stride_dyn, stride_dyc, stride_dys,
-    stride_xn, stride_xc, stride_xs,
+    stride_dyn,
+    stride_dyc,
+    stride_dys,
+    stride_xn,
+    stride_xc,
+    stride_xs,
     ACC_DTYPE: tl.constexpr,
     FINAL_OUTPUT: tl.constexpr,  # num_splits == 1: write the final sums (and grads) directly
     BLOCK_C: tl.constexpr,
@@ -119,11 +123,19 @@ def _backward_dx_kernel(
     weight_ptr,  # [C] or None (affine=False)
     sums_ptr,  # BATCH_STATS: ACC_DTYPE [2, C] global (sum_dy, sum_dy_xhat)
     count_ptr,  # BATCH_STATS: float64 [C] global element count per channel
-    C, S, M,
+    C,
+    S,
+    M,
     chunk,
-    stride_dyn, stride_dyc, stride_dys,
-    stride_xn, stride_xc, stride_xs,
-    stride_dxn, stride_dxc, stride_dxs,
+    stride_dyn,
+    stride_dyc,
+    stride_dys,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_dxn,
+    stride_dxc,
+    stride_dxs,
     BATCH_STATS: tl.constexpr,  # the forward normalized with batch statistics
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,

@@ -27,10 +27,16 @@ def _normalize_kernel(
     num_batches_ptr,  # int64 scalar, read when CUMULATIVE (momentum = 1 / num_batches_tracked)
     momentum,  # float: exponential average factor when not CUMULATIVE
     eps,  # float
-    C, S, M,  # channels, spatial size, elements per channel
+    C,
+    S,
+    M,  # channels, spatial size, elements per channel
     chunk,  # elements per channel handled by one split
-    stride_xn, stride_xc, stride_xs,
-    stride_yn, stride_yc, stride_ys,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_yn,
+    stride_yc,
+    stride_ys,
     BATCH_STATS: tl.constexpr,  # normalize with the batch statistics (else the running ones)
     UPDATE_RUNNING: tl.constexpr,  # update running_mean / running_var in place
     CUMULATIVE: tl.constexpr,  # momentum=None: cumulative moving average

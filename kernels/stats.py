@@ -53,7 +53,9 @@ def _partial_stats_kernel(
     M,  # elements per channel, N * S
     chunk,  # elements per channel handled by one split (a multiple of BLOCK_M)
     num_splits,  # programs per channel block along the element axis (grid axis 1)
-    stride_xn, stride_xc, stride_xs,  # strides of the [N, C, S] view of x, in elements
+    stride_xn,
+    stride_xc,
+    stride_xs,  # strides of the [N, C, S] view of x, in elements
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 input
     PACKED_OUTPUT: tl.constexpr,  # num_splits == 1: write the final packed stats directly
     BLOCK_C: tl.constexpr,  # channels per program

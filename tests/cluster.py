@@ -33,15 +33,17 @@ def _free_port() -> int:
 
 
 def _worker_main(
-    rank: int, world_size: int, port: int, env: dict[str, str], tasks: mp.Queue, results: mp.Queue
+    rank: int, world_size: int, port: int, backend: str, env: dict[str, str], tasks: mp.Queue, results: mp.Queue
 ) -> None:
     os.environ.update(env)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
@@ -64,9 +66,12 @@ class ClusterError(RuntimeError):
 
 
 class GlooCluster:
-    """``world_size`` spawned processes in one gloo group; see the module docstring."""
+    """``world_size`` spawned processes in one gloo group; see the module docstring.
 
-    def __init__(self, world_size: int, env: dict[str, str]) -> None:
+    ``backend="nccl"`` (GPU machines with ``world_size`` GPUs) gives rank r the GPU r instead.
+    """
+
+    def __init__(self, world_size: int, env: dict[str, str], backend: str = "gloo") -> None:
         self.world_size = world_size
         self.env = dict(env)
         context = mp.get_context("spawn")
@@ -76,7 +81,7 @@ class GlooCluster:
         self._processes = [
             context.Process(
                 target=_worker_main,
-                args=(rank, world_size, port, self.env, self._tasks[rank], self._results),
+                args=(rank, world_size, port, backend, self.env, self._tasks[rank], self._results),
                 daemon=True,
             )
             for rank in range(world_size)

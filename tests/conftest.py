@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-
 from cluster import GlooCluster
 
 CLUSTER_WORLD_SIZE = 4

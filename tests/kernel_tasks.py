@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
+from triton_syncbn.kernels import INTERPRETED
 
 from triton_syncbn import launchers, torch_path
-from triton_syncbn.kernels import INTERPRETED
 from triton_syncbn.layout import channel_view, empty_output_like
 
 
@@ -72,10 +71,7 @@ def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
 def _tiling(case: KernelCase, view: torch.Tensor) -> launchers.Tiling | None:
     if case.tiles is None:
         return None
-    block_c, block_m, splits = case.tiles
-    elements = max(view.shape[0] * view.shape[2], 1)
-    chunk = triton.cdiv(triton.cdiv(elements, splits), block_m) * block_m
-    return launchers.Tiling(block_c=block_c, block_m=block_m, splits=triton.cdiv(elements, chunk), chunk=chunk)
+    return launchers.Tiling.split(view, *case.tiles)
 
 
 def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
@@ -89,7 +85,11 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
     inputs = make_inputs(case)
     x = _layout(inputs["x"].to(case.dtype), case.layout)
     dy = inputs["dy"].to(case.dtype)
-    dy = dy if case.grad_layout == "expanded" else _layout(dy, "contiguous" if case.grad_layout == "contiguous" else case.layout)
+    dy = (
+        dy
+        if case.grad_layout == "expanded"
+        else _layout(dy, "contiguous" if case.grad_layout == "contiguous" else case.layout)
+    )
     weight = inputs["weight"].float() if case.weight else None
     bias = inputs["bias"].float() if case.weight and case.bias else None
     x_view, dy_view = channel_view(x), channel_view(dy)

@@ -42,6 +42,7 @@ class Case:
     eps: float = 1e-5
     mean_scale: float = 2.0  # per-channel means drawn from mean_scale * N(0, 1)
     std_range: tuple[float, float] = field(default=(0.5, 2.0))
+    device: str = "cpu"  # "cuda": each rank uses its own GPU (compiled kernels; NCCL with several ranks)
 
     @property
     def world(self) -> int:
@@ -68,6 +69,8 @@ class Case:
             parts.append("cumulative")
         if not self.training:
             parts.append("eval")
+        if self.device != "cpu":
+            parts.append(self.device)
         return "-".join(parts)
 
 

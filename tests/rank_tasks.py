@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from oracle import Case, global_batch, initial_state, memory_format_of, rank_rows
 
 import triton_syncbn
-from oracle import Case, global_batch, initial_state, memory_format_of, rank_rows
 
 # Process groups built so far in this worker, by member ranks. new_group must be called by all
 # ranks in the same order; every task runs on every rank, so they do.
@@ -63,27 +63,28 @@ def run_case(case: Case) -> dict[str, object] | None:
 
 def run_case_as(case: Case, group: dist.ProcessGroup | None, rank: int) -> dict[str, object]:
     """``run_case`` as member ``rank`` of the case's batches, synchronizing over ``group``."""
-    module = build_module(case, group)
+    device = torch.device(case.device)
+    module = build_module(case, group).to(device)
     memory_format = memory_format_of(case)
     result: dict[str, list] = {"outputs": [], "input_grads": [], "weight_grads": [], "bias_grads": []}
     layouts_kept = True
     for step in range(case.steps):
         x_global, dy_global = global_batch(case, step)
         rows = rank_rows(case, rank)
-        x = x_global[rows].to(case.dtype).contiguous(memory_format=memory_format).requires_grad_(True)
-        dy = dy_global[rows].to(case.dtype).contiguous(memory_format=memory_format)
+        x = x_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+        dy = dy_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format)
         module.zero_grad(set_to_none=True)
         y = module(x)
         y.backward(dy)
         layouts_kept &= y.dtype == case.dtype and y.is_contiguous(memory_format=memory_format)
         layouts_kept &= x.grad.dtype == case.dtype and x.grad.is_contiguous(memory_format=memory_format)
-        result["outputs"].append(y.detach().clone())
-        result["input_grads"].append(x.grad.clone())
-        result["weight_grads"].append(None if module.weight is None else module.weight.grad.clone())
-        result["bias_grads"].append(None if module.bias is None else module.bias.grad.clone())
+        result["outputs"].append(y.detach().cpu())
+        result["input_grads"].append(x.grad.cpu())
+        result["weight_grads"].append(None if module.weight is None else module.weight.grad.cpu())
+        result["bias_grads"].append(None if module.bias is None else module.bias.grad.cpu())
     result["layouts_kept"] = layouts_kept
-    result["running_mean"] = None if module.running_mean is None else module.running_mean.clone()
-    result["running_var"] = None if module.running_var is None else module.running_var.clone()
+    result["running_mean"] = None if module.running_mean is None else module.running_mean.cpu()
+    result["running_var"] = None if module.running_var is None else module.running_var.cpu()
     tracked = module.num_batches_tracked
     result["num_batches_tracked"] = None if tracked is None else int(tracked)
     result["param_dtypes"] = {name: p.dtype for name, p in module.named_parameters()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_tasks import KernelCase, make_inputs, run_kernel_case
 from oracle import assert_close
 
@@ -45,7 +44,9 @@ def reference(case: KernelCase) -> dict[str, torch.Tensor]:
     bias = inputs["bias"].float().double() if case.weight and case.bias else torch.zeros(channels, dtype=torch.float64)
     running_mean = inputs["running_mean"].float().double()
     running_var = inputs["running_var"].float().double()
-    stats = torch.stack([torch.full((channels,), float(count), dtype=torch.float64), per_channel.sum(1), per_channel.square().sum(1)])
+    stats = torch.stack(
+        [torch.full((channels,), float(count), dtype=torch.float64), per_channel.sum(1), per_channel.square().sum(1)]
+    )
     if case.mode == "running":
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var

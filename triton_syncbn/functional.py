@@ -16,7 +16,9 @@ def check_input(input: torch.Tensor, num_features: int | None = None) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
-        raise ValueError(f"expected at least 2-D input (N, C, *), got {input.dim()}-D input of shape {tuple(input.shape)}")
+        raise ValueError(
+            f"expected at least 2-D input (N, C, *), got {input.dim()}-D input of shape {tuple(input.shape)}"
+        )
     if input.shape[1] == 0:
         raise ValueError(f"expected a non-zero number of channels (dim 1), got input of shape {tuple(input.shape)}")
     if num_features is not None and input.shape[1] != num_features:
@@ -62,7 +64,12 @@ def batch_norm_function(
     to succeed; with ``momentum=None`` the running statistics then take ``1 / num_batches_tracked``.
     """
     check_input(input, num_features)
-    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, tensor in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         check_per_channel(name, tensor, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (both tensors or both None)")

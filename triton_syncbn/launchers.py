@@ -47,15 +47,22 @@ class Tiling:
     def grid(self, channels: int) -> tuple[int, int]:
         return (triton.cdiv(channels, self.block_c), self.splits)
 
+    @classmethod
+    def split(cls, view: torch.Tensor, block_c: int, block_m: int, splits: int) -> Tiling:
+        """Cut each channel's N * S elements of ``view`` ``[N, C, S]`` into at most ``splits``
+        chunks, each a multiple of ``block_m`` (none empty)."""
+        elements = max(view.shape[0] * view.shape[2], 1)
+        chunk = triton.cdiv(triton.cdiv(elements, max(splits, 1)), block_m) * block_m
+        return cls(block_c=block_c, block_m=block_m, splits=triton.cdiv(elements, chunk), chunk=chunk)
 
-def choose_tiling(view: torch.Tensor, max_splits: int | None = None) -> Tiling:
+
+def choose_tiling(view: torch.Tensor) -> Tiling:
     """Pick block sizes and the channel split for ``view`` ``[N, C, S]``.
 
     Channels-contiguous inputs (channels_last, 2-D) get wide channel blocks so each row of the
     tile is one coalesced read; otherwise a tile walks the contiguous spatial axis of one or a
     few channels. When there are fewer channel blocks than the device can run at once, each
     channel is split over several programs (a power of two, so few kernel variants compile).
-    ``max_splits`` caps the split count (tests use it to force the multi-split paths).
     """
     batch, channels, spatial = view.shape
     elements = batch * spatial
@@ -68,12 +75,7 @@ def choose_tiling(view: torch.Tensor, max_splits: int | None = None) -> Tiling:
     channel_blocks = triton.cdiv(channels, block_c)
     wanted = triton.cdiv(_target_programs(view.device), channel_blocks)
     splits = min(triton.next_power_of_2(wanted), triton.cdiv(max(elements, 1), block_m))
-    if max_splits is not None:
-        splits = min(splits, max_splits)
-    splits = max(splits, 1)
-    chunk = triton.cdiv(triton.cdiv(max(elements, 1), splits), block_m) * block_m
-    splits = triton.cdiv(max(elements, 1), chunk)
-    return Tiling(block_c=block_c, block_m=block_m, splits=splits, chunk=chunk)
+    return Tiling.split(view, block_c, block_m, splits)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -85,7 +87,7 @@ def _target_programs(device: torch.device) -> int:
 def _needs_int64(*views: torch.Tensor) -> bool:
     """True when an element offset of any view can exceed int32."""
     for view in views:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(view.shape, view.stride()) if size > 0)
+        span = sum((size - 1) * abs(stride) for size, stride in zip(view.shape, view.stride(), strict=True) if size > 0)
         if span > _INT32_LIMIT or view.numel() > _INT32_LIMIT:
             return True
     return False
