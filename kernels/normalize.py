@@ -14,6 +14,16 @@ from .indexing import split_elements, tile_offsets
 
 
 @triton.jit
+def _to_element_type(value, pointer):
+    """Cast float64 ``value`` to ``pointer``'s element type, through float32 below float64:
+    a direct float64 -> bfloat16 conversion is not supported everywhere (Triton's interpreter
+    writes zeros)."""
+    if pointer.dtype.element_ty == tl.float64:
+        return value
+    return value.to(tl.float32).to(pointer.dtype.element_ty)
+
+
+@triton.jit
 def _normalize_kernel(
     x_ptr,  # input viewed as [N, C, S]
     y_ptr,  # output viewed as [N, C, S], x's dtype
@@ -73,10 +83,8 @@ def _normalize_kernel(
                 unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
                 new_mean = old_mean + factor * (mean64 - old_mean)
                 new_var = old_var + factor * (unbiased_var - old_var)
-                # float64 -> float32 -> buffer dtype: a direct float64 -> bfloat16 conversion is
-                # not supported everywhere (Triton's interpreter writes zeros).
-                new_mean = new_mean.to(tl.float32).to(running_mean_ptr.dtype.element_ty)
-                new_var = new_var.to(tl.float32).to(running_var_ptr.dtype.element_ty)
+                new_mean = _to_element_type(new_mean, running_mean_ptr)
+                new_var = _to_element_type(new_var, running_var_ptr)
                 tl.store(running_mean_ptr + channels, new_mean, mask=update)
                 tl.store(running_var_ptr + channels, new_var, mask=update)
     else:

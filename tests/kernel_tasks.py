@@ -56,6 +56,11 @@ def make_inputs(case: KernelCase) -> dict[str, torch.Tensor]:
     }
 
 
+def parameter_dtype(case: KernelCase) -> torch.dtype:
+    """Parameters and running statistics: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if case.dtype == torch.float64 else torch.float32
+
+
 def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         memory_format = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
@@ -90,13 +95,14 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
         if case.grad_layout == "expanded"
         else _layout(dy, "contiguous" if case.grad_layout == "contiguous" else case.layout)
     )
-    weight = inputs["weight"].float() if case.weight else None
-    bias = inputs["bias"].float() if case.weight and case.bias else None
+    weight = inputs["weight"].to(parameter_dtype(case)) if case.weight else None
+    bias = inputs["bias"].to(parameter_dtype(case)) if case.weight and case.bias else None
     x_view, dy_view = channel_view(x), channel_view(dy)
     tiling = _tiling(case, x_view)
     results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
     for name, backend in (("triton", launchers), ("torch", torch_path)):
-        running_mean, running_var = inputs["running_mean"].float(), inputs["running_var"].float()
+        running_mean = inputs["running_mean"].to(parameter_dtype(case), copy=True)  # each backend its own
+        running_var = inputs["running_var"].to(parameter_dtype(case), copy=True)
         num_batches = torch.tensor(3, dtype=torch.int64)
         stats = backend.partial_stats(x_view, tiling)
         output, output_view = empty_output_like(x)
@@ -107,8 +113,8 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
             num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, tiling,
         )  # fmt: skip
         sums, grad_weight, grad_bias = backend.backward_reduce(
-            dy_view, x_view, mean, invstd, torch.float32 if weight is not None else None,
-            torch.float32 if bias is not None else None, tiling,
+            dy_view, x_view, mean, invstd, None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype, tiling,
         )  # fmt: skip
         grad_input, grad_input_view = empty_output_like(x)
         grad_input.fill_(float("nan"))

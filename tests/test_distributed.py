@@ -25,6 +25,8 @@ CASES = [
     Case(batches=(3, 2, 4), dtype=torch.float16, channels_last=True),
     Case(batches=(3, 2, 4), dtype=torch.bfloat16),
     Case(batches=(3, 2), dtype=torch.float16, param_dtype=torch.float16),  # model.half()
+    # model.half() with more values per channel than float16 can count (65504; torch #70901)
+    Case(batches=(1, 1), tail=(2, 200, 200), dtype=torch.float16, param_dtype=torch.float16, steps=1),
     Case(batches=(3, 2), dtype=torch.bfloat16, param_dtype=torch.bfloat16, channels_last=True),
     Case(batches=(3, 2, 4), momentum=None, steps=3),  # cumulative moving average
     Case(batches=(3, 2), affine=False),
@@ -102,13 +104,18 @@ def test_one_value_per_channel_globally_is_an_error(clusters) -> None:
 
 
 @pytest.mark.parametrize(
-    "ddp_options",
-    [{}, {"broadcast_buffers": False}, {"static_graph": True}],
-    ids=["default", "no-broadcast-buffers", "static-graph"],
+    ("backend", "ddp_options"),
+    [
+        ("torch-cpu", {}),
+        ("torch-cpu", {"broadcast_buffers": False}),
+        ("torch-cpu", {"static_graph": True}),
+        ("interpreter", {}),
+    ],
+    ids=["default", "no-broadcast-buffers", "static-graph", "interpreter"],
 )
-def test_ddp_training_matches_one_process(clusters, ddp_options: dict) -> None:
+def test_ddp_training_matches_one_process(clusters, backend: str, ddp_options: dict) -> None:
     batches, steps = (3, 0, 5, 2), 3
-    results = clusters("torch-cpu").run(rank_tasks.train_ddp, batches, steps, ddp_options)
+    results = clusters(backend).run(rank_tasks.train_ddp, batches, steps, ddp_options)
     expected = rank_tasks.train_single_process(sum(batches), steps)
     for rank, state in enumerate(results):
         assert state.keys() == expected.keys()

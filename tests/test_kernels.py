@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_tasks import KernelCase, make_inputs, run_kernel_case
+from kernel_tasks import KernelCase, make_inputs, parameter_dtype, run_kernel_case
 from oracle import assert_close
 
 pytestmark = pytest.mark.interpreter
@@ -40,10 +40,13 @@ def reference(case: KernelCase) -> dict[str, torch.Tensor]:
     per_channel = x.transpose(0, 1).reshape(channels, -1)
     grad_per_channel = dy.transpose(0, 1).reshape(channels, -1)
     count = per_channel.shape[1]
-    weight = inputs["weight"].float().double() if case.weight else torch.ones(channels, dtype=torch.float64)
-    bias = inputs["bias"].float().double() if case.weight and case.bias else torch.zeros(channels, dtype=torch.float64)
-    running_mean = inputs["running_mean"].float().double()
-    running_var = inputs["running_var"].float().double()
+    rounded = {
+        name: inputs[name].to(parameter_dtype(case)).double()
+        for name in ("weight", "bias", "running_mean", "running_var")
+    }
+    weight = rounded["weight"] if case.weight else torch.ones(channels, dtype=torch.float64)
+    bias = rounded["bias"] if case.weight and case.bias else torch.zeros(channels, dtype=torch.float64)
+    running_mean, running_var = rounded["running_mean"], rounded["running_var"]
     stats = torch.stack(
         [torch.full((channels,), float(count), dtype=torch.float64), per_channel.sum(1), per_channel.square().sum(1)]
     )
@@ -100,7 +103,7 @@ def test_kernel_contracts(clusters, case: KernelCase) -> None:
             dtype = case.dtype if name in ("output", "grad_input") else torch.float32
             if name == "stats":  # float64 sums of values up to ~10 over a few hundred elements
                 dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
-            if case.dtype == torch.float64 and name not in ("running_mean", "running_var", "grad_weight", "grad_bias"):
+            if case.dtype == torch.float64:  # parameters and buffers are float64 too
                 dtype = torch.float64
             assert_close(actual, value, dtype, f"{backend} {name} ({case.id})")
 
