@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -36,19 +37,25 @@ def _worker_main(
     rank: int, world_size: int, port: int, backend: str, env: dict[str, str], tasks: mp.Queue, results: mp.Queue
 ) -> None:
     os.environ.update(env)
-    import torch
-    import torch.distributed as dist
+    try:
+        import torch
+        import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+        import triton_syncbn  # noqa: F401 - import errors show here, not as a hang later
+
+        torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+    except BaseException:  # noqa: BLE001 - reported to the test process, which fails fast
+        results.put((rank, False, "worker start-up failed:\n" + traceback.format_exc()))
+        return
     while True:
         task = tasks.get()
         if task is None:
@@ -98,19 +105,23 @@ class GlooCluster:
             task_queue.put((function, args))
         results: dict[int, Any] = {}
         failures: list[str] = []
-        try:
-            while len(results) + len(failures) < self.world_size:
-                rank, ok, value = self._results.get(timeout=timeout)
-                if ok:
-                    results[rank] = value
-                else:
-                    failures.append(f"rank {rank}:\n{value}")
-        except queue.Empty:
-            self.close()
-            raise ClusterError(
-                f"{function.__name__} did not finish on every rank within {timeout} s "
-                f"(finished: {sorted(results)}; failures: {failures})"
-            ) from None
+        deadline = time.monotonic() + timeout
+        while len(results) + len(failures) < self.world_size:
+            try:
+                rank, ok, value = self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [rank for rank, process in enumerate(self._processes) if not process.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    reason = f"ranks {dead} exited" if dead else f"timed out after {timeout} s"
+                    raise ClusterError(
+                        f"{function.__name__}: {reason} (finished: {sorted(results)}; failures: {failures})"
+                    ) from None
+                continue
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"rank {rank}:\n{value}")
         if failures:
             self.close()
             raise ClusterError(f"{function.__name__} failed:\n" + "\n".join(failures))
