@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+
 from cluster import GlooCluster
 
 CLUSTER_WORLD_SIZE = 4

@@ -40,7 +40,8 @@ class Case:
     steps: int = 2
     seed: int = 0
     eps: float = 1e-5
-    mean_scale: float = 2.0  # per-channel means drawn from mean_scale * N(0, 1)
+    mean_offset: float = 0.0  # per-channel means drawn from mean_offset + mean_scale * N(0, 1)
+    mean_scale: float = 2.0
     std_range: tuple[float, float] = field(default=(0.5, 2.0))
     device: str = "cpu"  # "cuda": each rank uses its own GPU (compiled kernels; NCCL with several ranks)
 
@@ -89,7 +90,7 @@ def global_batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = _generator(case, 1, step)
     shape = (sum(case.batches), *case.tail)
     broadcast = (1, case.channels) + (1,) * (len(case.tail) - 1)
-    means = case.mean_scale * torch.randn(case.channels, generator=gen, dtype=torch.float64)
+    means = case.mean_offset + case.mean_scale * torch.randn(case.channels, generator=gen, dtype=torch.float64)
     low, high = case.std_range
     stds = low + (high - low) * torch.rand(case.channels, generator=gen, dtype=torch.float64)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * stds.view(broadcast) + means.view(broadcast)
@@ -161,6 +162,11 @@ def oracle(case: Case) -> dict[str, object]:
         "running_var": running_var,
         "num_batches_tracked": num_batches if case.track_running_stats else None,
     }
+
+
+def relative_l2_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64."""
+    return float((actual.double() - expected).norm() / expected.norm())
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:

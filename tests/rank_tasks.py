@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from oracle import Case, global_batch, initial_state, memory_format_of, rank_rows
 
 import triton_syncbn
+from oracle import Case, global_batch, initial_state, memory_format_of, rank_rows
 
 # Process groups built so far in this worker, by member ranks. new_group must be called by all
 # ranks in the same order; every task runs on every rank, so they do.
@@ -209,3 +209,85 @@ def train_single_process(size: int, steps: int) -> dict[str, torch.Tensor]:
         loss.backward()
         optimizer.step()
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+class _RowsOfReplicated(torch.autograd.Function):
+    """Forward: this rank's rows of a tensor that every rank holds whole. Backward: every rank's
+    row gradients summed over the group, so each rank gets the gradient of the global function."""
+
+    @staticmethod
+    def forward(ctx, full: torch.Tensor, rows: slice, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.rows, ctx.group, ctx.shape = rows, group, full.shape
+        return full[rows].clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        full = grad.new_zeros(ctx.shape)
+        full[ctx.rows] = grad
+        if ctx.group is not None:
+            dist.all_reduce(full, group=ctx.group)
+        return full, None, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity on a tensor every rank holds; backward sums its gradient over the group (as DDP
+    would for a parameter, up to DDP's averaging)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        if ctx.group is not None:
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's (equal-sized) rows; backward keeps this rank's rows' gradient."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, rank: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.rank, ctx.rows = rank, local.shape[0]
+        if group is None:
+            return local.clone()
+        pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone(), None, None
+
+
+def gradcheck_global_function(world: int) -> bool | None:
+    """``torch.autograd.gradcheck`` of the group's whole function: global input -> global output.
+
+    Every rank holds the same float64 global batch; the function takes this rank's rows, runs
+    ``sync_batch_norm`` over the group and gathers every rank's output. Ranks run gradcheck in
+    lockstep (same shapes, same calls), so their collectives pair up.
+    """
+    group = subgroup(world)
+    rank = current_rank()
+    if rank >= world:
+        return None
+    sync = group if world > 1 else None
+    gen = torch.Generator().manual_seed(7)
+    rows_per_rank = 2
+    x = torch.randn(world * rows_per_rank, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(2, generator=gen, dtype=torch.float64).requires_grad_()
+    rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
+
+    def global_function(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        local = _RowsOfReplicated.apply(x, rows, sync)
+        output = triton_syncbn.sync_batch_norm(
+            local, None, None, _Replicated.apply(weight, sync), _Replicated.apply(bias, sync), training=True,
+            process_group=group,
+        )  # fmt: skip
+        return _GatherRows.apply(output, rank, sync)
+
+    return torch.autograd.gradcheck(global_function, (x, weight, bias))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import rank_tasks
 import torch
 import torch.nn.functional as F
+
+import rank_tasks
 from oracle import Case, assert_close, check_case, global_batch, initial_state, rank_rows
 from rank_tasks import run_case
 

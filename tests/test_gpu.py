@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import triton_syncbn
 from cluster import GlooCluster
 from oracle import Case, check_case
 from rank_tasks import run_case
 from test_distributed import CASES as DISTRIBUTED_CASES
 from test_module import SINGLE_PROCESS_CASES
-
-import triton_syncbn
 
 pytestmark = pytest.mark.gpu
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kernel_tasks import KernelCase, make_inputs, parameter_dtype, run_kernel_case
 from oracle import assert_close
 

@@ -11,12 +11,12 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import Case, check_case
-from rank_tasks import run_case
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import triton_syncbn
+from oracle import Case, check_case
+from rank_tasks import run_case
 from triton_syncbn import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 
 SINGLE_PROCESS_CASES = [

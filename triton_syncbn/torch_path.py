@@ -25,8 +25,9 @@ def _broadcast(per_channel: torch.Tensor) -> torch.Tensor:
 def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
     """Local per-channel float64 ``[3, C]`` (count, sum, sum of squares) of ``x`` ``[N, C, S]``.
 
-    Two-pass moments in the accumulation dtype (mean, then squared deviations), expanded into
-    sums in float64, as the kernels do.
+    As in the kernels: values are shifted by each channel's first element (the pilot) so the
+    accumulation-dtype mean stays accurate when |mean| >> std, the squared deviations are taken
+    about that mean (two passes), and the moments are expanded into sums in float64.
     """
     values = _per_channel(x)
     channels, count = values.shape
@@ -34,9 +35,11 @@ def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
     packed[0] = count
     if count == 0:
         return packed
-    mean = values.mean(dim=1)
-    m2 = (values - mean[:, None]).square().sum(dim=1)
-    mean64 = mean.to(torch.float64)
+    pilot = values[:, :1]
+    shifted = values - pilot
+    shifted_mean = shifted.mean(dim=1)
+    m2 = (shifted - shifted_mean[:, None]).square().sum(dim=1)
+    mean64 = pilot[:, 0].to(torch.float64) + shifted_mean.to(torch.float64)
     packed[1] = count * mean64
     packed[2] = m2.to(torch.float64) + count * mean64 * mean64
     return packed
