@@ -1,4 +1,4 @@
-"""Index helpers shared by every kernel.
+"""Index and parameter helpers shared by every kernel.
 
 Every kernel sees its tensors as ``[N, C, S]`` views with explicit strides, so contiguous
 (``stride_s == 1``) and channels_last (``stride_c == 1``) inputs are read without copies. A
@@ -31,3 +31,17 @@ def tile_offsets(channels, sample, spatial, stride_n, stride_c, stride_s, INT64:
     if INT64:
         channels = channels.to(tl.int64)
     return channels[:, None] * stride_c + (sample * stride_n + spatial * stride_s)[None, :]
+
+
+@triton.jit
+def load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE: tl.constexpr):
+    """Per-channel ``(weight, bias)`` ``[BLOCK_C]``; 1 and 0 where the pointer is None."""
+    if weight_ptr is not None:
+        weight = tl.load(weight_ptr + channels, mask=channel_mask, other=1.0).to(ACC_DTYPE)
+    else:
+        weight = tl.full(channels.shape, 1.0, ACC_DTYPE)
+    if bias_ptr is not None:
+        bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+    else:
+        bias = tl.zeros(channels.shape, ACC_DTYPE)
+    return weight, bias

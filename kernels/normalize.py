@@ -1,4 +1,5 @@
-"""Forward stage 2: finalize per-channel statistics and apply the normalize-affine transform.
+"""Forward stage 2: finalize per-channel statistics and apply the normalize-affine transform,
+then (optionally) add a residual and apply an activation, all in one pass.
 
 Every program finalizes mean and invstd for its channel block itself (O(BLOCK_C) work), so no
 separate finalize launch is needed. The programs of split 0 also write mean/invstd for backward
@@ -10,7 +11,8 @@ zero elements leaves the running statistics untouched, with no host synchronizat
 import triton
 import triton.language as tl
 
-from .indexing import split_elements, tile_offsets
+from .activation import apply_activation
+from .indexing import load_affine, split_elements, tile_offsets
 
 
 @triton.jit
@@ -27,6 +29,7 @@ def _to_element_type(value, pointer):
 def _normalize_kernel(
     x_ptr,  # input viewed as [N, C, S]
     y_ptr,  # output viewed as [N, C, S], x's dtype
+    residual_ptr,  # [N, C, S] added before the activation, or None
     weight_ptr,  # [C] or None (affine=False)
     bias_ptr,  # [C] or None
     stats_ptr,  # BATCH_STATS: float64 [3, C] global (count, sum, sum of squares)
@@ -37,6 +40,7 @@ def _normalize_kernel(
     num_batches_ptr,  # int64 scalar, read when CUMULATIVE (momentum = 1 / num_batches_tracked)
     momentum,  # float: exponential average factor when not CUMULATIVE
     eps,  # float
+    negative_slope,  # float: leaky_relu's slope (ACTIVATION == 2)
     C,
     S,
     M,  # channels, spatial size, elements per channel
@@ -47,9 +51,13 @@ def _normalize_kernel(
     stride_yn,
     stride_yc,
     stride_ys,
+    stride_rn,
+    stride_rc,
+    stride_rs,
     BATCH_STATS: tl.constexpr,  # normalize with the batch statistics (else the running ones)
     UPDATE_RUNNING: tl.constexpr,  # update running_mean / running_var in place
     CUMULATIVE: tl.constexpr,  # momentum=None: cumulative moving average
+    ACTIVATION: tl.constexpr,  # 0 identity, 1 relu, 2 leaky_relu, 3 silu (kernels/activation.py)
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -95,13 +103,8 @@ def _normalize_kernel(
         tl.store(mean_ptr + channels, mean, mask=channel_mask)
         tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
 
-    scale = invstd
-    if weight_ptr is not None:
-        scale *= tl.load(weight_ptr + channels, mask=channel_mask, other=1.0).to(ACC_DTYPE)
-    if bias_ptr is not None:
-        shift = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
-    else:
-        shift = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    weight, shift = load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE)
+    scale = invstd * weight
 
     start = pid_split * chunk
     end = tl.minimum(start + chunk, M)
@@ -114,4 +117,8 @@ def _normalize_kernel(
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
         y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+        if residual_ptr is not None:
+            r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64)
+            y += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        y = apply_activation(y, negative_slope, ACTIVATION)
         tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)

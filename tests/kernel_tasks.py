@@ -110,17 +110,17 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
         batch = case.mode != "running"
         mean, invstd = backend.normalize(
             x_view, output_view, weight, bias, stats if batch else None, running_mean, running_var,
-            num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, tiling,
+            num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, tiling=tiling,
         )  # fmt: skip
         sums, grad_weight, grad_bias = backend.backward_reduce(
             dy_view, x_view, mean, invstd, None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype, tiling,
+            None if bias is None else bias.dtype, tiling=tiling,
         )  # fmt: skip
         grad_input, grad_input_view = empty_output_like(x)
         grad_input.fill_(float("nan"))
         backend.backward_dx(
             dy_view, x_view, grad_input_view, mean, invstd, weight,
-            sums if batch else None, stats[0] if batch else None, tiling,
+            sums if batch else None, stats[0] if batch else None, tiling=tiling,
         )  # fmt: skip
         results["strides_kept"][name] = output.stride() == grad_input.stride() and (
             case.layout in ("sliced", "permuted") or output.stride() == x.stride()

@@ -34,10 +34,12 @@ def record_all_launches(shape, dtype, memory_format, batch_stats: bool, affine: 
         _, out = empty_output_like(x)
         mean, invstd = launchers.normalize(
             view, out, weight, weight, stats if batch_stats else None, per_channel, per_channel,
-            None, 0.1, 1e-5, tiling,
+            None, 0.1, 1e-5, tiling=tiling,
         )  # fmt: skip
-        sums, _, _ = launchers.backward_reduce(view, view, mean, invstd, torch.float32, None, tiling)
-        launchers.backward_dx(view, view, out, mean, invstd, weight, sums if batch_stats else None, stats[0], tiling)
+        sums, _, _ = launchers.backward_reduce(view, view, mean, invstd, torch.float32, None, tiling=tiling)
+        launchers.backward_dx(
+            view, view, out, mean, invstd, weight, sums if batch_stats else None, stats[0], tiling=tiling
+        )
     return launches
 
 

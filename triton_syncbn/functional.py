@@ -5,10 +5,38 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from triton_syncbn.kernels.activation import ACTIVATION_CODES
+
 from .distributed import sync_group
 from .function import SyncBatchNormFunction
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def activation_code(activation: str | None) -> int:
+    """The kernels' code for a supported activation name; ``ValueError`` listing them otherwise."""
+    if activation is None:
+        return ACTIVATION_CODES["identity"]
+    if not isinstance(activation, str) or activation not in ACTIVATION_CODES:
+        raise ValueError(
+            f"unsupported activation {activation!r}; supported: None, "
+            + ", ".join(repr(name) for name in ACTIVATION_CODES)
+        )
+    return ACTIVATION_CODES[activation]
+
+
+def check_residual(residual: torch.Tensor | None, input: torch.Tensor) -> None:
+    """A residual must match the input's shape, dtype and device (any memory format)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"expected residual to be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(f"expected residual of the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"expected residual of the input's dtype {input.dtype}, got {residual.dtype}")
+    if residual.device != input.device:
+        raise ValueError(f"expected residual on the input's device {input.device}, got {residual.device}")
 
 
 def check_input(input: torch.Tensor, num_features: int | None = None) -> None:
@@ -56,14 +84,21 @@ def batch_norm_function(
     group: dist.ProcessGroup | None,
     num_batches_tracked: torch.Tensor | None = None,
     num_features: int | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """Validate everything, then run ``SyncBatchNormFunction``; a rejected call changes nothing.
+
+    Returns ``act(batch_norm(input) + residual)`` (``residual`` optional).
 
     ``group`` is the resolved group to synchronize over (None: local statistics).
     ``num_batches_tracked`` (int64 scalar), when given, is incremented once the call is known
     to succeed; with ``momentum=None`` the running statistics then take ``1 / num_batches_tracked``.
     """
     check_input(input, num_features)
+    code = activation_code(activation)
+    check_residual(residual, input)
     for name, tensor in (
         ("weight", weight),
         ("bias", bias),
@@ -82,8 +117,9 @@ def batch_norm_function(
     if momentum is None and use_batch_stats and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     return SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, use_batch_stats, group
-    )
+        input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+        use_batch_stats, group, code, float(negative_slope),
+    )  # fmt: skip
 
 
 def sync_batch_norm(
@@ -96,18 +132,27 @@ def sync_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group: dist.ProcessGroup | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
-    """Synchronized ``F.batch_norm``: same arguments, plus the group to synchronize over.
+    """Synchronized ``F.batch_norm``: same arguments, plus the group to synchronize over, and
+    an optional fused epilogue: returns ``act(batch_norm(input) + residual)``.
 
     ``input`` ``(N, C, *)`` with 2 to 5 dims in any memory format; ``weight``, ``bias``,
     ``running_mean``, ``running_var`` ``[C]``. With ``training=True`` the statistics are those
     of the union of the batches of ``process_group`` (default: WORLD) when torch.distributed is
     initialized, else the local batch's; the running statistics, when given, are updated in
     place with ``momentum``. With ``training=False`` the running statistics normalize the input
-    and nothing is communicated. Returns a tensor of ``input``'s shape, dtype and memory format.
+    and nothing is communicated. ``residual`` (input's shape, dtype and device; any memory
+    format) is added before ``activation`` (None/"identity", "relu", "leaky_relu" with
+    ``negative_slope``, "silu") and receives its gradient. Returns a tensor of ``input``'s shape,
+    dtype and memory format.
     """
     group = sync_group(process_group) if training else None
     return batch_norm_function(
         input, running_mean, running_var, weight, bias,
         use_batch_stats=training, momentum=momentum, eps=eps, group=group,
+        residual=residual, activation=activation, negative_slope=negative_slope,
     )  # fmt: skip

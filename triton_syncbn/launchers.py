@@ -93,6 +93,15 @@ def _needs_int64(*views: torch.Tensor) -> bool:
     return False
 
 
+def _strides(view: torch.Tensor | None) -> tuple[int, int, int]:
+    """Strides of an optional ``[N, C, S]`` view (zeros when absent: the kernel ignores them)."""
+    return (0, 0, 0) if view is None else view.stride()
+
+
+def _present(*views: torch.Tensor | None) -> list[torch.Tensor]:
+    return [view for view in views if view is not None]
+
+
 def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -136,9 +145,14 @@ def normalize(
     num_batches_tracked: torch.Tensor | None,
     momentum: float,
     eps: float,
+    residual: torch.Tensor | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.0,
     tiling: Tiling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``out`` = ``weight * (x - mean) * invstd + bias`` for ``x``, ``out`` ``[N, C, S]``.
+    """Write ``out`` = ``act(weight * (x - mean) * invstd + bias [+ residual])``, all ``[N, C, S]``.
+
+    ``activation`` is a code of ``kernels.activation.ACTIVATION_CODES`` (0: none).
 
     With ``stats`` (float64 ``[3, C]`` global count, sum, sum of squares) the batch statistics
     are used, and ``running_mean``/``running_var`` ``[C]``, when given, are updated in place
@@ -155,13 +169,13 @@ def normalize(
     update_running = batch_stats and running_mean is not None
     cumulative = update_running and num_batches_tracked is not None
     _normalize_kernel[tiling.grid(channels)](
-        x, out, weight, bias, stats, mean, invstd,
+        x, out, residual, weight, bias, stats, mean, invstd,
         running_mean, running_var, num_batches_tracked if cumulative else None,
-        float(momentum), float(eps),
-        channels, spatial, batch * spatial, tiling.chunk, *x.stride(), *out.stride(),
-        BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative,
+        float(momentum), float(eps), float(negative_slope),
+        channels, spatial, batch * spatial, tiling.chunk, *x.stride(), *out.stride(), *_strides(residual),
+        BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative, ACTIVATION=activation,
         ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
-        INT64=_needs_int64(x, out),
+        INT64=_needs_int64(x, out, *_present(residual)),
     )  # fmt: skip
     return mean, invstd
 
@@ -173,9 +187,17 @@ def backward_reduce(
     invstd: torch.Tensor,
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.0,
     tiling: Tiling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-channel ``sum(dy)`` and ``sum(dy * xhat)`` of ``grad_out``, ``x`` ``[N, C, S]``.
+
+    With a fused ``activation``, ``dy`` is the gradient at the activation's input, recomputed
+    from ``x``, ``mean``, ``invstd``, ``weight``, ``bias`` and ``residual`` (as in the forward).
 
     Returns ``(sums, grad_weight, grad_bias)``: ``sums`` is ``[2, C]`` in the accumulation
     dtype (what backward all-reduces); the local parameter grads ``[C]`` are returned in the
@@ -192,10 +214,12 @@ def backward_reduce(
     if tiling.splits > 1:
         partials = torch.empty(2, tiling.splits, channels, dtype=acc_dtype, device=x.device)
     _backward_reduce_kernel[tiling.grid(channels)](
-        grad_out, x, mean, invstd, partials, grad_weight, grad_bias,
-        channels, spatial, elements, tiling.chunk, tiling.splits, *grad_out.stride(), *x.stride(),
-        ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=tiling.splits == 1,
-        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x),
+        grad_out, x, residual if activation else None, mean, invstd,
+        weight if activation else None, bias if activation else None, partials, grad_weight, grad_bias,
+        channels, spatial, elements, tiling.chunk, tiling.splits, float(negative_slope),
+        *grad_out.stride(), *x.stride(), *_strides(residual),
+        ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=tiling.splits == 1,
+        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x, *_present(residual)),
     )  # fmt: skip
     if tiling.splits > 1:
         _combine_grad_sums_kernel[(triton.cdiv(channels, tiling.block_c),)](
@@ -208,26 +232,41 @@ def backward_reduce(
 def backward_dx(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     sums: torch.Tensor | None,
     count: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    grad_residual: torch.Tensor | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.0,
     tiling: Tiling | None = None,
 ) -> None:
-    """Write the input gradient into ``out`` ``[N, C, S]``.
+    """Write the input gradient into ``out`` ``[N, C, S]`` (and the residual's into ``grad_residual``).
+
+    ``out=None`` computes only ``grad_residual``.
 
     With ``sums`` (global ``[2, C]`` sum_dy, sum_dy_xhat) and ``count`` (float64 ``[C]`` global
     element count) the forward used batch statistics and their gradient is included;
-    without them the forward used running statistics and ``dx = weight * invstd * dy``.
+    without them the forward used running statistics and ``dx = weight * invstd * dy``. With a
+    fused ``activation``, ``dy`` is first taken back through it (recomputed from ``x``, the
+    statistics, ``weight``, ``bias`` and ``residual``); that gradient is the residual's.
+    ``grad_residual`` must then have the same strides as ``residual``.
     """
     batch, channels, spatial = x.shape
     tiling = tiling or choose_tiling(x)
+    if grad_residual is not None and residual is not None and grad_residual.stride() != residual.stride():
+        raise ValueError("grad_residual must have the residual's strides")
+    residual_layout = residual if residual is not None else grad_residual
     _backward_dx_kernel[tiling.grid(channels)](
-        grad_out, x, out, mean, invstd, weight, sums, count,
-        channels, spatial, batch * spatial, tiling.chunk,
-        *grad_out.stride(), *x.stride(), *out.stride(),
-        BATCH_STATS=sums is not None, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x, out),
+        grad_out, x, out, residual if activation else None, grad_residual, mean, invstd, weight,
+        bias if activation else None, sums, count,
+        channels, spatial, batch * spatial, tiling.chunk, float(negative_slope),
+        *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout),
+        BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
+        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
+        INT64=_needs_int64(grad_out, x, *_present(out, residual_layout)),
     )  # fmt: skip

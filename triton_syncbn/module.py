@@ -11,7 +11,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .distributed import sync_group
-from .functional import batch_norm_function, check_input
+from .functional import activation_code, batch_norm_function, check_input
+
+# Activation modules that convert_sync_batchnorm(fuse_activation=True) folds into the layer before.
+_FUSIBLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
 
 # torch added the keyword-only ``bias`` argument to the BatchNorm classes in a recent release.
 _TORCH_HAS_BIAS_ARGUMENT = "bias" in inspect.signature(_BatchNorm.__init__).parameters
@@ -30,6 +33,10 @@ class SyncBatchNorm(_BatchNorm):
     empty leaves running_mean/running_var unchanged; no host-device synchronization in forward
     or backward; 1 value per channel is an error only when the *global* batch has 1 value per
     channel.
+
+    ``activation`` (None/"identity", "relu", "leaky_relu" with ``negative_slope``, "silu") and
+    ``forward(input, residual)`` fuse ``act(bn(input) + residual)`` into the same kernels, in
+    training and in eval; backward saves nothing the size of the output.
     """
 
     def __init__(
@@ -44,7 +51,10 @@ class SyncBatchNorm(_BatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
+        activation_code(activation)  # reject unsupported names before building anything
         bias_kwargs = {}
         if _TORCH_HAS_BIAS_ARGUMENT:
             bias_kwargs["bias"] = bias
@@ -52,18 +62,27 @@ class SyncBatchNorm(_BatchNorm):
             raise TypeError(f"bias=False needs a torch whose BatchNorm accepts it; torch {torch.__version__} does not")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **bias_kwargs)
         self.process_group = process_group
+        self.activation = None if activation == "identity" else activation
+        self.negative_slope = negative_slope
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_input(input, self.num_features)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
         if self.process_group is not None:
             text += f", process_group={self.process_group}"
         return text
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``input`` ``(N, C, *)`` -> tensor of the same shape, dtype and memory format."""
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``input`` ``(N, C, *)`` -> ``act(bn(input) + residual)``, same shape, dtype and memory format.
+
+        ``residual`` (optional) has the input's shape and dtype, any memory format.
+        """
         check_input(input, self.num_features)
         # torch's decision table (see torch.nn.modules.batchnorm._BatchNorm.forward): batch
         # statistics in training, and in eval when there are no running statistics; buffers are
@@ -84,16 +103,25 @@ class SyncBatchNorm(_BatchNorm):
             group=group,
             num_batches_tracked=self.num_batches_tracked if counts_batch else None,
             num_features=self.num_features,
+            residual=residual,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
         )
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    def convert_sync_batchnorm(
+        cls, module: nn.Module, process_group: dist.ProcessGroup | None = None, fuse_activation: bool = False
+    ) -> nn.Module:
         """Replace every ``_BatchNorm`` in ``module`` (recursively) by ``triton_syncbn.SyncBatchNorm``.
 
         Same semantics as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters and
         buffers are shared (same objects), ``training`` and ``qconfig`` carry over, and a new
         module is returned when ``module`` itself is a BatchNorm. Call it before wrapping the
         model in ``DistributedDataParallel``.
+
+        With ``fuse_activation=True``, a BatchNorm immediately followed by ``nn.ReLU``,
+        ``nn.LeakyReLU`` or ``nn.SiLU`` inside an ``nn.Sequential`` becomes one fused layer and
+        the activation becomes ``nn.Identity`` (indices and state_dict keys stay the same).
         """
         converted = module
         if isinstance(module, _BatchNorm):
@@ -110,6 +138,8 @@ class SyncBatchNorm(_BatchNorm):
                 module.track_running_stats,
                 process_group,
                 bias=not module.affine or module.bias is not None,
+                activation=getattr(module, "activation", None),
+                negative_slope=getattr(module, "negative_slope", 0.01),
             )
             if module.affine:
                 with torch.no_grad():
@@ -122,10 +152,26 @@ class SyncBatchNorm(_BatchNorm):
             if hasattr(module, "qconfig"):
                 converted.qconfig = module.qconfig
         for name, child in module.named_children():
-            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group, fuse_activation))
+        if fuse_activation and isinstance(converted, nn.Sequential):
+            _fuse_activations(converted)
         return converted
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, process_group: dist.ProcessGroup | None = None, fuse_activation: bool = False
+) -> nn.Module:
     """Functional alias of ``SyncBatchNorm.convert_sync_batchnorm``."""
-    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return SyncBatchNorm.convert_sync_batchnorm(module, process_group, fuse_activation)
+
+
+def _fuse_activations(sequential: nn.Sequential) -> None:
+    """Fold each activation that directly follows a (not yet fused) SyncBatchNorm into it."""
+    names = list(sequential._modules)
+    for name, next_name in zip(names, names[1:], strict=False):
+        norm, follower = sequential._modules[name], sequential._modules[next_name]
+        activation = _FUSIBLE_ACTIVATIONS.get(type(follower))
+        if isinstance(norm, SyncBatchNorm) and norm.activation is None and activation is not None:
+            norm.activation = activation
+            norm.negative_slope = getattr(follower, "negative_slope", norm.negative_slope)
+            sequential._modules[next_name] = nn.Identity()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from triton_syncbn.kernels.activation import ACTIVATION_CODES
+
 from .layout import accumulation_dtype
 
 
@@ -20,6 +22,48 @@ def _per_channel(view: torch.Tensor) -> torch.Tensor:
 def _broadcast(per_channel: torch.Tensor) -> torch.Tensor:
     """``[C]`` -> ``[1, C, 1]`` to broadcast over an ``[N, C, S]`` view."""
     return per_channel.view(1, -1, 1)
+
+
+def _activation(z: torch.Tensor, activation: int, negative_slope: float) -> torch.Tensor:
+    """``act(z)`` for the codes of ``kernels.activation.ACTIVATION_CODES``."""
+    if activation == ACTIVATION_CODES["relu"]:
+        return torch.relu(z)
+    if activation == ACTIVATION_CODES["leaky_relu"]:
+        return torch.where(z > 0, z, z * negative_slope)
+    if activation == ACTIVATION_CODES["silu"]:
+        return z * torch.sigmoid(z)
+    return z
+
+
+def _activation_backward(z: torch.Tensor, grad: torch.Tensor, activation: int, negative_slope: float) -> torch.Tensor:
+    """``grad * act'(z)``."""
+    if activation == ACTIVATION_CODES["relu"]:
+        return torch.where(z > 0, grad, 0.0)
+    if activation == ACTIVATION_CODES["leaky_relu"]:
+        return torch.where(z > 0, grad, grad * negative_slope)
+    if activation == ACTIVATION_CODES["silu"]:
+        sigmoid = torch.sigmoid(z)
+        return grad * sigmoid * (1 + z * (1 - sigmoid))
+    return grad
+
+
+def _pre_activation(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """``z = (x - mean) * invstd * weight + bias (+ residual)`` ``[N, C, S]`` in the accumulation dtype."""
+    acc_dtype = mean.dtype
+    scale = invstd if weight is None else invstd * weight.to(acc_dtype)
+    z = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(scale)
+    if bias is not None:
+        z = z + _broadcast(bias.to(acc_dtype))
+    if residual is not None:
+        z = z + residual.to(acc_dtype)
+    return z
 
 
 def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
@@ -56,6 +100,9 @@ def normalize(
     num_batches_tracked: torch.Tensor | None,
     momentum: float,
     eps: float,
+    residual: torch.Tensor | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.0,
     tiling: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``launchers.normalize``."""
@@ -84,11 +131,7 @@ def normalize(
     else:
         mean = running_mean.to(acc_dtype)
         invstd = 1.0 / torch.sqrt(running_var.to(acc_dtype) + eps)
-    scale = invstd if weight is None else invstd * weight.to(acc_dtype)
-    y = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(scale)
-    if bias is not None:
-        y = y + _broadcast(bias.to(acc_dtype))
-    out.copy_(y)
+    out.copy_(_activation(_pre_activation(x, mean, invstd, weight, bias, residual), activation, negative_slope))
     return mean, invstd
 
 
@@ -99,9 +142,15 @@ def backward_reduce(
     invstd: torch.Tensor,
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.0,
     tiling: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``launchers.backward_reduce``."""
+    grad_out = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope)
     dy = _per_channel(grad_out)
     centered = _per_channel(x) - mean[:, None]
     sum_dy = dy.sum(dim=1)
@@ -115,18 +164,27 @@ def backward_reduce(
 def backward_dx(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     sums: torch.Tensor | None,
     count: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    grad_residual: torch.Tensor | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.0,
     tiling: object = None,
 ) -> None:
     """Same contract as ``launchers.backward_dx``."""
     acc_dtype = accumulation_dtype(x.dtype)
     scale = invstd if weight is None else invstd * weight.to(acc_dtype)
-    dy = grad_out.to(acc_dtype)
+    dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope)
+    if grad_residual is not None:
+        grad_residual.copy_(dy)
+    if out is None:
+        return
     if sums is not None and count is not None:
         safe_count = count.clamp(min=1.0)
         mean_dy = (sums[0] / safe_count).to(acc_dtype)
@@ -134,3 +192,22 @@ def backward_dx(
         xhat = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(invstd)
         dy = dy - _broadcast(mean_dy) - xhat * _broadcast(mean_dy_xhat)
     out.copy_(dy * _broadcast(scale))
+
+
+def _grad_before_activation(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: int,
+    negative_slope: float,
+) -> torch.Tensor:
+    """``grad_out * act'(z)`` ``[N, C, S]`` in the accumulation dtype, z recomputed from x."""
+    grad = grad_out.to(mean.dtype)
+    if activation == ACTIVATION_CODES["identity"]:
+        return grad
+    z = _pre_activation(x, mean, invstd, weight, bias, residual)
+    return _activation_backward(z, grad, activation, negative_slope)
