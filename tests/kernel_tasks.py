@@ -11,9 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from triton_syncbn.kernels import INTERPRETED
+from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
 from triton_syncbn import launchers, torch_path
 from triton_syncbn.layout import channel_view, empty_output_like
+
+NEGATIVE_SLOPE = 0.1
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,17 @@ class KernelCase:
     weight: bool = True
     bias: bool = True
     seed: int = 0
+    activation: str | None = None  # fused activation
+    residual: str | None = None  # fused residual's layout: None, "same" or "contiguous"
 
     @property
     def id(self) -> str:
         tiles = "auto" if self.tiles is None else "t" + "-".join(map(str, self.tiles))
         params = "wb" if self.weight and self.bias else ("w" if self.weight else "noaffine")
         shape = "x".join(map(str, self.shape))
-        return f"{shape}-{str(self.dtype)[6:]}-{self.layout}-dy_{self.grad_layout}-{tiles}-{self.mode}-{params}"
+        fused = f"-{self.activation}" if self.activation else ""
+        fused += f"-residual_{self.residual}" if self.residual else ""
+        return f"{shape}-{str(self.dtype)[6:]}-{self.layout}-dy_{self.grad_layout}-{tiles}-{self.mode}-{params}{fused}"
 
 
 def make_inputs(case: KernelCase) -> dict[str, torch.Tensor]:
@@ -53,6 +60,7 @@ def make_inputs(case: KernelCase) -> dict[str, torch.Tensor]:
         "bias": torch.randn(channels, generator=gen, dtype=torch.float64),
         "running_mean": torch.randn(channels, generator=gen, dtype=torch.float64),
         "running_var": 0.5 + torch.rand(channels, generator=gen, dtype=torch.float64),
+        "residual": torch.randn(case.shape, generator=gen, dtype=torch.float64).to(case.dtype).double(),
     }
 
 
@@ -97,7 +105,13 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
     )
     weight = inputs["weight"].to(parameter_dtype(case)) if case.weight else None
     bias = inputs["bias"].to(parameter_dtype(case)) if case.weight and case.bias else None
+    residual = None
+    if case.residual is not None:
+        residual = _layout(inputs["residual"].to(case.dtype), case.layout if case.residual == "same" else "contiguous")
+    code = ACTIVATION_CODES[case.activation or "identity"]
+    epilogue = {"activation": code, "negative_slope": NEGATIVE_SLOPE}
     x_view, dy_view = channel_view(x), channel_view(dy)
+    residual_view = None if residual is None else channel_view(residual)
     tiling = _tiling(case, x_view)
     results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
     for name, backend in (("triton", launchers), ("torch", torch_path)):
@@ -110,17 +124,24 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
         batch = case.mode != "running"
         mean, invstd = backend.normalize(
             x_view, output_view, weight, bias, stats if batch else None, running_mean, running_var,
-            num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, tiling=tiling,
+            num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, residual=residual_view, **epilogue,
+            tiling=tiling,
         )  # fmt: skip
         sums, grad_weight, grad_bias = backend.backward_reduce(
             dy_view, x_view, mean, invstd, None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype, tiling=tiling,
+            None if bias is None else bias.dtype, weight=weight, bias=bias, residual=residual_view, **epilogue,
+            tiling=tiling,
         )  # fmt: skip
         grad_input, grad_input_view = empty_output_like(x)
         grad_input.fill_(float("nan"))
+        grad_residual = grad_residual_view = None
+        if residual is not None:
+            grad_residual, grad_residual_view = empty_output_like(residual)
+            grad_residual.fill_(float("nan"))
         backend.backward_dx(
             dy_view, x_view, grad_input_view, mean, invstd, weight,
-            sums if batch else None, stats[0] if batch else None, tiling=tiling,
+            sums if batch else None, stats[0] if batch else None, bias=bias, residual=residual_view,
+            grad_residual=grad_residual_view, **epilogue, tiling=tiling,
         )  # fmt: skip
         results["strides_kept"][name] = output.stride() == grad_input.stride() and (
             case.layout in ("sliced", "permuted") or output.stride() == x.stride()
@@ -136,5 +157,6 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
             "grad_weight": grad_weight,
             "grad_bias": grad_bias,
             "grad_input": grad_input,
+            "grad_residual": grad_residual,
         }
     return results

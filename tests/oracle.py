@@ -44,6 +44,9 @@ class Case:
     mean_scale: float = 2.0
     std_range: tuple[float, float] = field(default=(0.5, 2.0))
     device: str = "cpu"  # "cuda": each rank uses its own GPU (compiled kernels; NCCL with several ranks)
+    activation: str | None = None  # fused activation (SyncBatchNorm(activation=...))
+    negative_slope: float = 0.01
+    residual: str | None = None  # fused residual add: None, "same" or "contiguous" memory format
 
     @property
     def world(self) -> int:
@@ -72,6 +75,10 @@ class Case:
             parts.append("eval")
         if self.device != "cpu":
             parts.append(self.device)
+        if self.activation is not None:
+            parts.append(self.activation)
+        if self.residual is not None:
+            parts.append(f"residual_{self.residual}")
         return "-".join(parts)
 
 
@@ -83,6 +90,15 @@ def memory_format_of(case: Case) -> torch.memory_format:
 
 def _generator(case: Case, *salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((case.seed, *salt)) % (2**63))
+
+
+def global_residual(case: Case, step: int) -> torch.Tensor | None:
+    """The residual of the whole group for one step (rounded to ``case.dtype``), if the case has one."""
+    if case.residual is None:
+        return None
+    gen = _generator(case, 3, step)
+    shape = (sum(case.batches), *case.tail)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(case.dtype).double()
 
 
 def global_batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,10 +140,13 @@ def oracle(case: Case) -> dict[str, object]:
     running_var = state["running_var"].clone() if case.track_running_stats else None
     num_batches = 0
     use_batch_stats = case.training or not case.track_running_stats
-    outputs, input_grads, weight_grads, bias_grads = [], [], [], []
+    outputs, input_grads, weight_grads, bias_grads, residual_grads = [], [], [], [], []
     for step in range(case.steps):
         x, dy = global_batch(case, step)
         x.requires_grad_(True)
+        residual = global_residual(case, step)
+        if residual is not None:
+            residual.requires_grad_(True)
         factor = case.momentum if case.momentum is not None else 0.0
         if case.training and case.track_running_stats:
             num_batches += 1
@@ -147,8 +166,11 @@ def oracle(case: Case) -> dict[str, object]:
                 factor,
                 case.eps,
             )
+        y = fused_epilogue(y, residual, case.activation, case.negative_slope)
         params = [x] + ([weight] if case.affine else []) + ([bias] if case.affine and case.bias else [])
+        params += [residual] if residual is not None else []
         grads = torch.autograd.grad(y, params, dy, allow_unused=True, materialize_grads=True)
+        residual_grads.append(grads[-1] if residual is not None else None)
         outputs.append(y.detach())
         input_grads.append(grads[0])
         weight_grads.append(grads[1] if case.affine else None)
@@ -158,10 +180,26 @@ def oracle(case: Case) -> dict[str, object]:
         "input_grads": input_grads,
         "weight_grads": weight_grads,
         "bias_grads": bias_grads,
+        "residual_grads": residual_grads,
         "running_mean": running_mean,
         "running_var": running_var,
         "num_batches_tracked": num_batches if case.track_running_stats else None,
     }
+
+
+def fused_epilogue(
+    y: torch.Tensor, residual: torch.Tensor | None, activation: str | None, negative_slope: float
+) -> torch.Tensor:
+    """The reference for the fused tail: ``act(y + residual)`` with torch's own activations."""
+    if residual is not None:
+        y = y + residual
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    if activation == "silu":
+        return F.silu(y)
+    return y
 
 
 def relative_l2_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -193,6 +231,9 @@ def check_case(case: Case, per_rank: list[dict[str, object] | None]) -> None:
             where = f"{case.id} step {step} rank {rank}"
             assert_close(result["outputs"][step], expected["outputs"][step][rows], case.dtype, f"{where} output")
             assert_close(result["input_grads"][step], expected["input_grads"][step][rows], case.dtype, f"{where} dx")
+            if case.residual is not None:
+                got = result["residual_grads"][step]
+                assert_close(got, expected["residual_grads"][step][rows], case.dtype, f"{where} residual grad")
         for name in ("weight_grads", "bias_grads"):
             if expected[name][step] is None:
                 assert all(result[name][step] is None for result in members), name

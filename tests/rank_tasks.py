@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import triton_syncbn
-from oracle import Case, global_batch, initial_state, memory_format_of, rank_rows
+from oracle import Case, global_batch, global_residual, initial_state, memory_format_of, rank_rows
 
 # Process groups built so far in this worker, by member ranks. new_group must be called by all
 # ranks in the same order; every task runs on every rank, so they do.
@@ -43,6 +43,8 @@ def build_module(case: Case, group: dist.ProcessGroup | None) -> triton_syncbn.S
         process_group=group,
         dtype=case.param_dtype,
         bias=case.bias,
+        activation=case.activation,
+        negative_slope=case.negative_slope,
     )
     with torch.no_grad():
         for name, value in initial_state(case).items():
@@ -66,7 +68,13 @@ def run_case_as(case: Case, group: dist.ProcessGroup | None, rank: int) -> dict[
     device = torch.device(case.device)
     module = build_module(case, group).to(device)
     memory_format = memory_format_of(case)
-    result: dict[str, list] = {"outputs": [], "input_grads": [], "weight_grads": [], "bias_grads": []}
+    result: dict[str, list] = {
+        "outputs": [],
+        "input_grads": [],
+        "weight_grads": [],
+        "bias_grads": [],
+        "residual_grads": [],
+    }
     layouts_kept = True
     for step in range(case.steps):
         x_global, dy_global = global_batch(case, step)
@@ -74,8 +82,18 @@ def run_case_as(case: Case, group: dist.ProcessGroup | None, rank: int) -> dict[
         x = x_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format).requires_grad_(True)
         dy = dy_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format)
         module.zero_grad(set_to_none=True)
-        y = module(x)
+        residual = None
+        if case.residual is not None:
+            residual_format = memory_format if case.residual == "same" else torch.contiguous_format
+            residual = (
+                global_residual(case, step)[rows].to(device, case.dtype).contiguous(memory_format=residual_format)
+            )
+            residual.requires_grad_(True)
+        y = module(x, residual)
         y.backward(dy)
+        if residual is not None:
+            layouts_kept &= residual.grad.dtype == case.dtype and residual.grad.shape == residual.shape
+            result["residual_grads"].append(residual.grad.cpu())
         layouts_kept &= y.dtype == case.dtype and y.is_contiguous(memory_format=memory_format)
         layouts_kept &= x.grad.dtype == case.dtype and x.grad.is_contiguous(memory_format=memory_format)
         result["outputs"].append(y.detach().cpu())

@@ -34,6 +34,24 @@ CASES = [
     Case(batches=(3, 2), bias=False),
     Case(batches=(3, 2, 1), track_running_stats=False),
     Case(batches=(3, 2), training=False),  # eval: running statistics, no collective
+    # fused residual add and activation
+    Case(batches=(3, 0, 4), activation="relu"),
+    Case(
+        batches=(2, 3),
+        tail=(4, 3, 5),
+        channels_last=True,
+        activation="leaky_relu",
+        negative_slope=0.2,
+        residual="contiguous",
+    ),  # fmt: skip
+    Case(batches=(3, 2), dtype=torch.bfloat16, activation="silu", residual="same"),
+    Case(batches=(3, 2), residual="same"),  # identity activation: the residual's grad is dy
+    Case(batches=(3, 2), training=False, activation="relu", residual="same"),  # eval fuses the same way
+    Case(
+        batches=(2, 2), tail=(3, 2, 3, 4), channels_last=True, dtype=torch.float16, activation="relu", residual="same"
+    ),  # fmt: skip
+    Case(batches=(3, 2), affine=False, activation="silu", residual="contiguous"),
+    Case(batches=(2, 3), tail=(5,), dtype=torch.float64, activation="leaky_relu", residual="same", momentum=None),
 ]
 
 

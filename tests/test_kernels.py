@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_tasks import KernelCase, make_inputs, parameter_dtype, run_kernel_case
-from oracle import assert_close
+from kernel_tasks import NEGATIVE_SLOPE, KernelCase, make_inputs, parameter_dtype, run_kernel_case
+from oracle import assert_close, fused_epilogue
 
 pytestmark = pytest.mark.interpreter
 
@@ -30,6 +30,14 @@ CASES = [
     KernelCase((6, 4, 10), mode="cumulative", weight=False, bias=False),
     KernelCase((6, 4, 10), torch.float16, tiles=(4, 16, 2), bias=False),
     KernelCase((0, 4, 3, 3)),  # an empty local batch: zero counts, running statistics unchanged
+    # fused epilogues: act(bn(x) [+ residual]), backward through the recomputed pre-activation
+    KernelCase((6, 5, 7, 9), tiles=(2, 16, 5), activation="relu", residual="same"),
+    KernelCase(
+        (4, 5, 3, 6), torch.bfloat16, "channels_last", tiles=(4, 8, 3), activation="silu", residual="contiguous"
+    ),
+    KernelCase((6, 4, 10), tiles=(2, 8, 4), mode="running", activation="leaky_relu", residual="same"),
+    KernelCase((37, 6), torch.float16, tiles=(8, 4, 4), activation="leaky_relu", weight=False, bias=False),
+    KernelCase((3, 4, 2, 3, 5), torch.float64, "channels_last", activation="silu", residual="same"),
 ]
 
 
@@ -39,7 +47,6 @@ def reference(case: KernelCase) -> dict[str, torch.Tensor]:
     x, dy = inputs["x"], inputs["dy"]
     channels = case.shape[1]
     per_channel = x.transpose(0, 1).reshape(channels, -1)
-    grad_per_channel = dy.transpose(0, 1).reshape(channels, -1)
     count = per_channel.shape[1]
     rounded = {
         name: inputs[name].to(parameter_dtype(case)).double()
@@ -66,7 +73,13 @@ def reference(case: KernelCase) -> dict[str, torch.Tensor]:
     invstd = 1 / torch.sqrt(var + EPS)
     view = (1, channels) + (1,) * (len(case.shape) - 2)
     xhat = (x - mean.view(view)) * invstd.view(view)
-    output = xhat * weight.view(view) + bias.view(view)
+    normalized = xhat * weight.view(view) + bias.view(view)
+    residual = inputs["residual"] if case.residual is not None else None
+    pre_activation = normalized.detach().requires_grad_(True)
+    output = fused_epilogue(pre_activation, residual, case.activation, NEGATIVE_SLOPE)
+    (dy,) = torch.autograd.grad(output, pre_activation, dy)  # the gradient before the activation
+    output = output.detach()
+    grad_per_channel = dy.transpose(0, 1).reshape(channels, -1)
     sum_dy = grad_per_channel.sum(1)
     sum_dy_xhat = (dy * xhat).transpose(0, 1).reshape(channels, -1).sum(1)
     grad = dy
@@ -83,6 +96,7 @@ def reference(case: KernelCase) -> dict[str, torch.Tensor]:
         "grad_weight": sum_dy_xhat,
         "grad_bias": sum_dy,
         "grad_input": grad * (weight * invstd).view(view),
+        "grad_residual": dy if residual is not None else None,
     }
 
 
@@ -97,11 +111,15 @@ def test_kernel_contracts(clusters, case: KernelCase) -> None:
         assert results["strides_kept"][backend], f"{backend}: output/grad memory format not kept"
         for name, value in expected.items():
             actual = got[name]
-            if name in ("grad_weight", "grad_bias") and not (case.weight and (case.bias or name == "grad_weight")):
+            if value is None or (
+                name in ("grad_weight", "grad_bias") and not (case.weight and (case.bias or name == "grad_weight"))
+            ):
                 assert actual is None, f"{backend} {name} should not be computed"
                 continue
+            if name == "grad_residual" and case.residual == "same":
+                assert actual.stride() == results[backend]["grad_input"].stride(), "residual grad layout"
             assert not torch.isnan(actual).any(), f"{backend} {name}: unwritten (NaN-poisoned) elements"
-            dtype = case.dtype if name in ("output", "grad_input") else torch.float32
+            dtype = case.dtype if name in ("output", "grad_input", "grad_residual") else torch.float32
             if name == "stats":  # float64 sums of values up to ~10 over a few hundred elements
                 dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
             if case.dtype == torch.float64:  # parameters and buffers are float64 too
