@@ -309,3 +309,47 @@ def gradcheck_global_function(world: int) -> bool | None:
         return _GatherRows.apply(output, rank, sync)
 
     return torch.autograd.gradcheck(global_function, (x, weight, bias))
+
+
+def compiled_matches_eager(batches: tuple[int, ...], steps: int) -> dict[str, float] | None:
+    """Train a converted model eagerly and under ``torch.compile(fullgraph=True)`` side by side.
+
+    Returns the largest differences in outputs, parameter grads and buffers over ``steps``
+    steps; ``fullgraph=True`` makes any graph break an error.
+    """
+    import copy
+
+    world = len(batches)
+    group = subgroup(world)
+    rank = current_rank()
+    if rank >= world:
+        return None
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4, momentum=None),
+        torch.nn.SiLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 3),
+        torch.nn.BatchNorm1d(3, affine=False),
+    )
+    eager = triton_syncbn.convert_sync_batchnorm(model, process_group=group, fuse_activation=True)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    worst = {"output": 0.0, "grad": 0.0, "buffer": 0.0}
+    start = sum(batches[:rank])
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        inputs = torch.randn(sum(batches), 3, 6, 6, generator=gen)[start : start + batches[rank]]
+        out_eager, out_compiled = eager(inputs), compiled(inputs)
+        out_eager.square().sum().backward()
+        out_compiled.square().sum().backward()
+        worst["output"] = max(worst["output"], (out_eager - out_compiled).abs().max().item() if inputs.numel() else 0)
+    for p, q in zip(eager.parameters(), compiled_model.parameters(), strict=True):
+        worst["grad"] = max(worst["grad"], (p.grad - q.grad).abs().max().item())
+    for p, q in zip(eager.buffers(), compiled_model.buffers(), strict=True):
+        worst["buffer"] = max(worst["buffer"], (p.double() - q.double()).abs().max().item())
+    return worst

@@ -29,3 +29,20 @@ def all_reduce_sum_(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     """Sum ``tensor`` over ``group`` in place (one collective) and return it."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """A name that ``group_from_name`` resolves back to ``group`` ("" for None).
+
+    Names, not ProcessGroup objects, cross the custom-op boundary under ``torch.compile``.
+    """
+    return "" if group is None else group.group_name
+
+
+def group_from_name(name: str) -> dist.ProcessGroup | None:
+    """The process group registered under ``name`` (None for "")."""
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
-from .distributed import sync_group
+from .distributed import group_name, sync_group
 from .function import SyncBatchNormFunction
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,7 +118,7 @@ def batch_norm_function(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     return SyncBatchNormFunction.apply(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-        use_batch_stats, group, code, float(negative_slope),
+        use_batch_stats, group_name(group), code, float(negative_slope),
     )  # fmt: skip
 
 

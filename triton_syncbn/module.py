@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -64,6 +65,16 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.activation = None if activation == "identity" else activation
         self.negative_slope = negative_slope
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SyncBatchNorm:
+        """Copy everything but the process group, which is a shared handle (copying it fails, as
+        it does for ``torch.nn.SyncBatchNorm``): EMA copies and ``torch.compile`` tests need this."""
+        if self.process_group is not None:
+            memo.setdefault(id(self.process_group), self.process_group)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_input(input, self.num_features)

@@ -129,7 +129,7 @@ def normalize(
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     else:
-        mean = running_mean.to(acc_dtype)
+        mean = running_mean.to(acc_dtype, copy=True)  # an output must not alias the buffer
         invstd = 1.0 / torch.sqrt(running_var.to(acc_dtype) + eps)
     out.copy_(_activation(_pre_activation(x, mean, invstd, weight, bias, residual), activation, negative_slope))
     return mean, invstd

@@ -1,0 +1,64 @@
+"""torch.compile(fullgraph=True): no graph break, same results as eager (inductor's CPU backend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rank_tasks
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = {"output": 1e-5, "grad": 5e-5, "buffer": 1e-6}
+
+
+def test_compiled_single_process_matches_eager() -> None:
+    worst = rank_tasks.compiled_matches_eager((6,), steps=2)
+    assert all(worst[name] <= bound for name, bound in TOLERANCE.items()), worst
+
+
+def test_compiled_in_a_gloo_group_matches_eager(clusters) -> None:
+    # No empty rank here: inductor itself mis-strides a 0-batch convolution's backward
+    # (plain torch layers fail the same way); empty ranks are covered in eager tests.
+    results = clusters("torch-cpu").run(rank_tasks.compiled_matches_eager, (4, 2, 3), 2)
+    for worst in results[:3]:
+        assert all(worst[name] <= bound for name, bound in TOLERANCE.items()), worst
+    assert results[3] is None
+
+
+OPCHECK_CASES = {
+    "train-fused": lambda x, r, w, b, rm, rv, nbt: (x, r, w, b, rm, rv, nbt, 0.1, False, 1e-5, True, "", 1, 0.01),
+    "train-cumulative": lambda x, r, w, b, rm, rv, nbt: (
+        x,
+        None,
+        w,
+        None,
+        rm,
+        rv,
+        nbt,
+        0.0,
+        True,
+        1e-5,
+        True,
+        "",
+        0,
+        0.0,
+    ),
+    "eval": lambda x, r, w, b, rm, rv, nbt: (x, None, None, None, rm, rv, None, 0.1, False, 1e-5, False, "", 0, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_custom_ops_pass_opcheck(case: str) -> None:
+    """Schema, fake (meta) implementations and AOT dispatch of the ops that torch.compile sees."""
+    from triton_syncbn import ops
+
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    per_channel = [torch.rand(3) + 0.5, torch.randn(3), torch.zeros(3), torch.ones(3)]
+    forward_args = OPCHECK_CASES[case](x, torch.randn(4, 3, 5, 5), *per_channel, torch.tensor(1))
+    torch.library.opcheck(ops.forward_op, forward_args)
+    output, mean, invstd, count = ops.forward_op(*forward_args)
+    _, residual, weight, bias = forward_args[:4]
+    needs = [True, residual is not None and forward_args[12] != 0, weight is not None, bias is not None]
+    backward_args = (torch.randn_like(output), x, residual, weight, bias, mean, invstd, count, "")
+    torch.library.opcheck(ops.backward_op, backward_args + (forward_args[12], forward_args[13], needs))

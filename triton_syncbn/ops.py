@@ -1,0 +1,86 @@
+"""``torch.library`` custom ops wrapping ``stages.forward``/``stages.backward`` for ``torch.compile``.
+
+Under ``torch.compile`` the autograd Function calls these ops instead of the stages directly:
+dynamo and inductor see two opaque ops with fake (meta) implementations, so a converted model
+compiles with ``fullgraph=True`` and no graph break. The all-reduce stays *inside* the ops
+(rather than being rewritten into functional collectives): the collective then runs exactly
+where and as it does in eager mode, over the process group named by ``group_name``, and the
+graph holds no ProcessGroup object. Running statistics and ``num_batches_tracked`` are declared
+as mutated arguments, so functionalization orders their updates correctly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import stages
+
+
+@torch.library.custom_op("triton_syncbn::forward", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def forward_op(
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float,
+    cumulative: bool,
+    eps: float,
+    use_batch_stats: bool,
+    group_name: str,
+    activation: int,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``stages.forward`` as an op: ``(output, mean, invstd, count)``."""
+    return stages.forward(
+        input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps,
+        use_batch_stats, group_name, activation, negative_slope,
+    )  # fmt: skip
+
+
+@forward_op.register_fake
+def _forward_fake(input: Tensor, *args: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    use_batch_stats = args[9]
+    return stages.forward_meta(input, bool(use_batch_stats))
+
+
+@torch.library.custom_op("triton_syncbn::backward", mutates_args=())
+def backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    count: Tensor,
+    group_name: str,
+    activation: int,
+    negative_slope: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``stages.backward`` as an op; gradients that ``needs`` does not ask for come back empty."""
+    grads = stages.backward(
+        grad_output, input, residual, weight, bias, mean, invstd, count, group_name, activation, negative_slope, needs
+    )
+    return tuple(grad if grad is not None else input.new_empty(0) for grad in grads)
+
+
+@backward_op.register_fake
+def _backward_fake(
+    grad_output: Tensor,
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *args: object,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    needs = args[-1]
+    like = (input, residual, weight, bias)
+    return tuple(
+        torch.empty_like(tensor) if need and tensor is not None else input.new_empty(0)
+        for need, tensor in zip(needs, like, strict=True)
+    )

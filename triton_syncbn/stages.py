@@ -1,0 +1,141 @@
+"""The forward and backward of synchronized batch norm as plain functions over tensors.
+
+``forward`` is: local statistics -> one all-reduce -> normalize (+ residual, activation, running
+statistics update); ``backward`` is: gradient sums -> one all-reduce (only when the input needs
+a gradient) -> input (and residual) gradient. Both run eagerly from the autograd Function and,
+under ``torch.compile``, behind the opaque custom ops of ``ops.py``: one implementation either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import kernel_backend
+from .distributed import all_reduce_sum_, group_from_name
+from .layout import accumulation_dtype, channel_view, empty_output_like
+
+
+def forward(
+    input: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float,
+    cumulative: bool,
+    eps: float,
+    use_batch_stats: bool,
+    group_name: str,
+    activation: int,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input`` ``(N, C, *)`` -> ``(output, mean, invstd, count)``.
+
+    ``output`` has the input's shape, dtype and memory format; ``mean``, ``invstd`` ``[C]`` are
+    the statistics used (accumulation dtype); ``count`` is the float64 ``[C]`` global element
+    count with batch statistics, else empty. With batch statistics, running statistics (when
+    given) are updated in place and ``num_batches_tracked`` (when given) is incremented;
+    ``cumulative`` takes ``1 / num_batches_tracked`` as the momentum. ``group_name`` names the
+    process group to all-reduce over ("" for none).
+    """
+    ops = kernel_backend(input)
+    x = channel_view(input)
+    output, output_view = empty_output_like(input)
+    epilogue = {
+        "residual": None if residual is None else channel_view(residual),
+        "activation": activation,
+        "negative_slope": negative_slope,
+    }
+    if not use_batch_stats:
+        mean, invstd = ops.normalize(
+            x, output_view, weight, bias, None, running_mean, running_var, None, 0.0, eps, **epilogue
+        )
+        return output, mean, invstd, torch.empty(0, dtype=torch.float64, device=input.device)
+    stats = ops.partial_stats(x)
+    group = group_from_name(group_name)
+    if group is not None:
+        all_reduce_sum_(stats, group)
+    local_values = x.shape[0] * x.shape[2]
+    # Only a rank with <= 1 value per channel can be part of a 1-value global batch, so only such
+    # ranks read the global count back (a host sync in that case alone).
+    if local_values <= 1 and int(stats[0, 0].item()) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 value per channel "
+            f"in the global batch (local input shape {tuple(input.shape)})"
+        )
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    mean, invstd = ops.normalize(
+        x, output_view, weight, bias, stats, running_mean, running_var,
+        num_batches_tracked if cumulative else None, momentum, eps, **epilogue,
+    )  # fmt: skip
+    return output, mean, invstd, stats[0]
+
+
+def backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    count: torch.Tensor,
+    group_name: str,
+    activation: int,
+    negative_slope: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(input, residual, weight, bias)`` where ``needs`` (same order) asks for them.
+
+    ``count`` (empty when the forward used running statistics) and the rest as saved by
+    ``forward``. With ``activation`` 0 the residual's gradient is ``grad_output`` itself and is
+    left to the caller (``needs[1]`` must be False then).
+    """
+    need_input, need_residual, need_weight, need_bias = needs
+    use_batch_stats = count.numel() > 0
+    ops = kernel_backend(input)
+    x = channel_view(input)
+    grad_out = channel_view(grad_output)
+    residual_view = None if residual is None else channel_view(residual)
+    epilogue = {"activation": activation, "negative_slope": negative_slope}
+    grad_input = grad_residual = grad_weight = grad_bias = sums = None
+    if need_weight or need_bias or (need_input and use_batch_stats):
+        sums, grad_weight, grad_bias = ops.backward_reduce(
+            grad_out, x, mean, invstd,
+            weight.dtype if need_weight else None, bias.dtype if need_bias else None,
+            weight=weight, bias=bias, residual=residual_view, **epilogue,
+        )  # fmt: skip
+    group = group_from_name(group_name)
+    if need_input and use_batch_stats and group is not None:
+        all_reduce_sum_(sums, group)
+    grad_residual_view = None
+    if need_residual:
+        grad_residual, grad_residual_view = empty_output_like(residual)
+        if grad_residual_view.stride() != residual_view.stride():  # a broadcast/strided residual
+            residual_view = residual_view.contiguous()
+    if need_input or need_residual:
+        grad_input_view = None
+        if need_input:
+            grad_input, grad_input_view = empty_output_like(input)
+        ops.backward_dx(
+            grad_out, x, grad_input_view, mean, invstd, weight,
+            sums if use_batch_stats and need_input else None, count if use_batch_stats else None,
+            bias=bias, residual=residual_view, grad_residual=grad_residual_view, **epilogue,
+        )  # fmt: skip
+    return grad_input, grad_residual, grad_weight, grad_bias
+
+
+def forward_meta(
+    input: torch.Tensor, use_batch_stats: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes, dtypes and layouts of ``forward``'s outputs, for fake/meta tensors."""
+    channels = input.shape[1]
+    acc_dtype = accumulation_dtype(input.dtype)
+    output, _ = empty_output_like(input)
+    mean = input.new_empty(channels, dtype=acc_dtype)
+    invstd = input.new_empty(channels, dtype=acc_dtype)
+    count = input.new_empty(channels if use_batch_stats else 0, dtype=torch.float64)
+    return output, mean, invstd, count
