@@ -353,3 +353,35 @@ def compiled_matches_eager(batches: tuple[int, ...], steps: int) -> dict[str, fl
     for p, q in zip(eager.buffers(), compiled_model.buffers(), strict=True):
         worst["buffer"] = max(worst["buffer"], (p.double() - q.double()).abs().max().item())
     return worst
+
+
+def train_with_join(steps_per_rank: tuple[int, ...]) -> dict[str, object] | None:
+    """DDP training with uneven numbers of batches under ``ddp.join(throw_on_early_termination=True)``.
+
+    As for torch.nn.SyncBatchNorm (DDP's docs), a model with collectives in its forward needs
+    that flag: every rank then raises at the first step some rank lacks, instead of hanging.
+    Returns the steps this rank completed, whether it raised, and its final parameters.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    world = len(steps_per_rank)
+    group = subgroup(world)
+    rank = current_rank()
+    if rank >= world:
+        return None
+    model = triton_syncbn.convert_sync_batchnorm(small_convnet(), process_group=group)
+    ddp = DistributedDataParallel(model, process_group=group)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    completed, raised = 0, False
+    try:
+        with ddp.join(throw_on_early_termination=True):
+            for step in range(steps_per_rank[rank]):
+                inputs, targets = convnet_batch(3, 100 * rank + step)
+                loss = (ddp(inputs) - targets).square().mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                completed += 1
+    except RuntimeError:
+        raised = True
+    return {"completed": completed, "raised": raised, "state": {k: v.clone() for k, v in model.state_dict().items()}}

@@ -140,3 +140,15 @@ def test_ddp_training_matches_one_process(clusters, backend: str, ddp_options: d
         assert state.keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(state[name], value, atol=1e-9, rtol=1e-9, msg=f"rank {rank} {name}")
+
+
+def test_ddp_join_with_uneven_inputs_stops_every_rank_together(clusters) -> None:
+    """DDP's documented recipe for models with collectives in forward (torch's SyncBatchNorm
+    included): ``join(throw_on_early_termination=True)``. Every rank stops at the same step."""
+    steps = (4, 2, 3)
+    results = clusters("torch-cpu").run(rank_tasks.train_with_join, steps)[: len(steps)]
+    assert [result["completed"] for result in results] == [min(steps)] * len(steps)
+    assert all(result["raised"] for result in results if result["completed"] < max(steps))
+    for result in results[1:]:
+        for name, value in results[0]["state"].items():
+            assert torch.equal(result["state"][name], value), name

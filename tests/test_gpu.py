@@ -59,3 +59,59 @@ def test_nccl_matches_oracle() -> None:
                 check_case(case, cluster.run(run_case, case))
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("batch", [16, 0], ids=["batch16", "empty"])
+def test_cuda_graph_captures_a_training_step(batch: int) -> None:
+    """Forward + backward (momentum=None, fused relu) captured once, replayed, equal to eager."""
+    torch.manual_seed(0)
+    captured = triton_syncbn.SyncBatchNorm(32, momentum=None, activation="relu").cuda()
+    eager = triton_syncbn.SyncBatchNorm(32, momentum=None, activation="relu").cuda()
+    static_x = torch.randn(batch, 32, 8, 8, device="cuda", requires_grad=True)
+    static_grad = torch.randn(batch, 32, 8, 8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, autotune) outside the capture
+        for _ in range(2):
+            captured(static_x).backward(static_grad)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        eager(static_x).backward(static_grad)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = captured(static_x)
+        static_y.backward(static_grad)
+    for _ in range(3):
+        new_x = torch.randn(batch, 32, 8, 8, device="cuda")
+        static_x.data.copy_(new_x)
+        graph.replay()
+        x = new_x.clone().requires_grad_(True)
+        expected = eager(x)
+        expected.backward(static_grad)
+        torch.testing.assert_close(static_y, expected)
+    torch.testing.assert_close(captured.running_mean, eager.running_mean)
+    torch.testing.assert_close(captured.running_var, eager.running_var)
+    assert int(captured.num_batches_tracked) == int(eager.num_batches_tracked)
+
+
+def test_compiled_model_on_cuda_matches_eager() -> None:
+    """torch.compile(fullgraph=True) on CUDA: the custom ops around the compiled Triton kernels."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3)
+    )
+    eager = triton_syncbn.convert_sync_batchnorm(model, fuse_activation=True).cuda()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(8, 3, 12, 12, device="cuda").to(memory_format=torch.channels_last)
+        expected, actual = eager(x), compiled(x)
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+        expected.square().sum().backward()
+        actual.square().sum().backward()
+    for p, q in zip(eager.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3)
+    for p, q in zip(eager.buffers(), compiled_model.buffers(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)

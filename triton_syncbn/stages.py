@@ -57,10 +57,7 @@ def forward(
     group = group_from_name(group_name)
     if group is not None:
         all_reduce_sum_(stats, group)
-    local_values = x.shape[0] * x.shape[2]
-    # Only a rank with <= 1 value per channel can be part of a 1-value global batch, so only such
-    # ranks read the global count back (a host sync in that case alone).
-    if local_values <= 1 and int(stats[0, 0].item()) == 1:
+    if _global_batch_has_one_value(x, stats, group is not None):
         raise ValueError(
             "Expected more than 1 value per channel when training, got 1 value per channel "
             f"in the global batch (local input shape {tuple(input.shape)})"
@@ -72,6 +69,22 @@ def forward(
         num_batches_tracked if cumulative else None, momentum, eps, **epilogue,
     )  # fmt: skip
     return output, mean, invstd, stats[0]
+
+
+def _global_batch_has_one_value(x: torch.Tensor, stats: torch.Tensor, synchronized: bool) -> bool:
+    """Whether the global batch has exactly 1 value per channel (torch rejects that in training).
+
+    Without synchronization the local count is the global one: no device read. Synchronized,
+    only a rank with <= 1 local value per channel can be part of such a batch, so only such a
+    rank reads the global count back (a host sync in that degenerate case alone), and not while
+    a CUDA graph is being captured, where a read is impossible and the check is skipped.
+    """
+    local_values = x.shape[0] * x.shape[2]
+    if not synchronized:
+        return local_values == 1
+    if local_values > 1 or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return int(stats[0, 0].item()) == 1
 
 
 def backward(
