@@ -79,7 +79,8 @@ def _backward_reduce_kernel(
     FINAL_OUTPUT: tl.constexpr,  # num_splits == 1: write the final sums (and grads) directly
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
+    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
 ):
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -97,11 +98,11 @@ def _backward_reduce_kernel(
         elements = block_start + tl.arange(0, BLOCK_M)
         mask = channel_mask[:, None] & (elements < end)[None, :]
         sample, spatial = split_elements(elements, S, INT64)
-        dy_offsets = tile_offsets(channels, sample, spatial, stride_dyn, stride_dyc, stride_dys, INT64)
-        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64)
+        dy_offsets = tile_offsets(channels, sample, spatial, stride_dyn, stride_dyc, stride_dys, INT64, SPATIAL_VEC)
+        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64)
+        r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64, SPATIAL_VEC)
         dy = _grad_before_activation(
             dy, x, mean, invstd, weight, bias, residual_ptr, r_offsets, mask, negative_slope, ACTIVATION, ACC_DTYPE
         )
@@ -178,7 +179,8 @@ def _backward_dx_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
+    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
 ):
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -199,12 +201,12 @@ def _backward_dx_kernel(
         elements = block_start + tl.arange(0, BLOCK_M)
         mask = channel_mask[:, None] & (elements < end)[None, :]
         sample, spatial = split_elements(elements, S, INT64)
-        dy_offsets = tile_offsets(channels, sample, spatial, stride_dyn, stride_dyc, stride_dys, INT64)
+        dy_offsets = tile_offsets(channels, sample, spatial, stride_dyn, stride_dyc, stride_dys, INT64, SPATIAL_VEC)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64)
+        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
         if BATCH_STATS or ACTIVATION != 0:
             x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64)
+        r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64, SPATIAL_VEC)
         if ACTIVATION != 0:
             dy = _grad_before_activation(
                 dy, x, mean, invstd, weight, bias, residual_ptr, r_offsets, mask, negative_slope, ACTIVATION, ACC_DTYPE
@@ -216,5 +218,5 @@ def _backward_dx_kernel(
                 xhat = (x - mean[:, None]) * invstd[:, None]
                 dy = dy - mean_dy[:, None] - xhat * mean_dy_xhat[:, None]
             dx = dy * scale[:, None]
-            dx_offsets = tile_offsets(channels, sample, spatial, stride_dxn, stride_dxc, stride_dxs, INT64)
+            dx_offsets = tile_offsets(channels, sample, spatial, stride_dxn, stride_dxc, stride_dxs, INT64, SPATIAL_VEC)
             tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -26,11 +26,22 @@ def split_elements(elements, spatial_size, INT64: tl.constexpr):
 
 
 @triton.jit
-def tile_offsets(channels, sample, spatial, stride_n, stride_c, stride_s, INT64: tl.constexpr):
-    """Element offsets ``[BLOCK_C, BLOCK_M]`` of a channel block x element block tile."""
+def tile_offsets(
+    channels, sample, spatial, stride_n, stride_c, stride_s, INT64: tl.constexpr, SPATIAL_VEC: tl.constexpr
+):
+    """Element offsets ``[BLOCK_C, BLOCK_M]`` of a channel block x element block tile.
+
+    ``SPATIAL_VEC > 1`` (set by the launcher only when ``stride_s == 1`` and S, ``stride_n`` and
+    ``stride_c`` are multiples of it) tells the compiler that each aligned run of SPATIAL_VEC
+    elements is contiguous and aligned: the flat index hides that (a run never straddles two
+    samples when S is a multiple of the run), and with it loads and stores become 128-bit.
+    """
     if INT64:
         channels = channels.to(tl.int64)
-    return channels[:, None] * stride_c + (sample * stride_n + spatial * stride_s)[None, :]
+    offsets = channels[:, None] * stride_c + (sample * stride_n + spatial * stride_s)[None, :]
+    if SPATIAL_VEC > 1:
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, SPATIAL_VEC]), [1, SPATIAL_VEC])
+    return offsets
 
 
 @triton.jit

@@ -61,7 +61,8 @@ def _normalize_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
+    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
 ):
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -112,13 +113,13 @@ def _normalize_kernel(
         elements = block_start + tl.arange(0, BLOCK_M)
         mask = channel_mask[:, None] & (elements < end)[None, :]
         sample, spatial = split_elements(elements, S, INT64)
-        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64)
-        y_offsets = tile_offsets(channels, sample, spatial, stride_yn, stride_yc, stride_ys, INT64)
+        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
+        y_offsets = tile_offsets(channels, sample, spatial, stride_yn, stride_yc, stride_ys, INT64, SPATIAL_VEC)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
         y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
         if residual_ptr is not None:
-            r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64)
+            r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64, SPATIAL_VEC)
             y += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         y = apply_activation(y, negative_slope, ACTIVATION)
         tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -61,6 +61,7 @@ def _partial_stats_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_M: tl.constexpr,  # elements per channel per loop step
     INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
+    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
 ):
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -77,7 +78,7 @@ def _partial_stats_kernel(
         elements = block_start + tl.arange(0, BLOCK_M)
         element_mask = elements < end
         sample, spatial = split_elements(elements, S, INT64)
-        offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64)
+        offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
         mask = channel_mask[:, None] & element_mask[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         x = tl.where(mask, x - pilot[:, None], 0.0)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from triton_syncbn.kernels import INTERPRETED
-from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
 from triton_syncbn import launchers, torch_path
+from triton_syncbn.kernels import INTERPRETED
+from triton_syncbn.kernels.activation import ACTIVATION_CODES
 from triton_syncbn.layout import channel_view, empty_output_like
 
 NEGATIVE_SLOPE = 0.1

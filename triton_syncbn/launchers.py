@@ -102,6 +102,25 @@ def _present(*views: torch.Tensor | None) -> list[torch.Tensor]:
     return [view for view in views if view is not None]
 
 
+def _spatial_vector(block_m: int, *views: torch.Tensor | None) -> int:
+    """Elements per 16-byte access along the spatial axis, when every view allows it, else 1.
+
+    Allowed when the spatial axis is the contiguous one (``stride_s == 1``) and S and the other
+    strides are multiples of the run, so that no aligned run straddles two samples or channels
+    (see ``kernels/indexing.tile_offsets``). 2-D inputs (S = 1) and channels_last never qualify;
+    channels_last vectorizes along C instead.
+    """
+    present = [view for view in views if view is not None]
+    vector = 16 // max(view.element_size() for view in present)
+    if block_m % vector:
+        return 1
+    for view in present:
+        _, _, spatial = view.shape
+        if spatial % vector or view.stride(2) != 1 or view.stride(0) % vector or view.stride(1) % vector:
+            return 1
+    return vector
+
+
 def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -124,7 +143,7 @@ def partial_stats(x: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor
     _partial_stats_kernel[tiling.grid(channels)](
         x, partials, channels, spatial, elements, tiling.chunk, tiling.splits, *x.stride(),
         ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=tiling.splits == 1,
-        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=int64,
+        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=int64, SPATIAL_VEC=_spatial_vector(tiling.block_m, x),
     )  # fmt: skip
     if tiling.splits > 1:
         _combine_stats_kernel[(triton.cdiv(channels, tiling.block_c),)](
@@ -175,7 +194,7 @@ def normalize(
         channels, spatial, batch * spatial, tiling.chunk, *x.stride(), *out.stride(), *_strides(residual),
         BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative, ACTIVATION=activation,
         ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
-        INT64=_needs_int64(x, out, *_present(residual)),
+        INT64=_needs_int64(x, out, *_present(residual)), SPATIAL_VEC=_spatial_vector(tiling.block_m, x, out, residual),
     )  # fmt: skip
     return mean, invstd
 
@@ -220,6 +239,7 @@ def backward_reduce(
         *grad_out.stride(), *x.stride(), *_strides(residual),
         ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=tiling.splits == 1,
         BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x, *_present(residual)),
+        SPATIAL_VEC=_spatial_vector(tiling.block_m, grad_out, x, residual if activation else None),
     )  # fmt: skip
     if tiling.splits > 1:
         _combine_grad_sums_kernel[(triton.cdiv(channels, tiling.block_c),)](
@@ -269,4 +289,5 @@ def backward_dx(
         BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
         BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
         INT64=_needs_int64(grad_out, x, *_present(out, residual_layout)),
+        SPATIAL_VEC=_spatial_vector(tiling.block_m, grad_out, x, out, residual_layout),
     )  # fmt: skip

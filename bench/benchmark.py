@@ -1,0 +1,226 @@
+"""Benchmark triton_syncbn against torch's SyncBatchNorm and BatchNorm: the project's main command.
+
+    python bench/benchmark.py                      # CPU: small shapes on 2 gloo ranks, a few minutes
+    python bench/benchmark.py --shapes S4 S6 --dtype bf16 --world-size 1    # on a GPU machine
+    torchrun --nproc-per-node 8 bench/benchmark.py --shapes S1              # ranks from torchrun
+
+Times every (shape, dtype, layout, mode, provider) case, reports median and p20/p80 time,
+algorithmic and actual bandwidth (and their fraction of the copy bandwidth measured in the same
+run), our speedup over each other provider, and the GPU kernels and collectives per step. Writes
+a table to stdout, benchmark.csv/.json, summary.md and PNG plots (bandwidth, speedup, and the
+communication model vs world size) under --out. See ../shared/PERF.md for method and targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--shapes", nargs="+", help="shape ids (PERF.md S1-S12; default: all for the device)")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"], default=None)
+    parser.add_argument("--modes", nargs="+", default=None, help="forward, backward, forward+backward, fused-relu")
+    parser.add_argument("--providers", nargs="+", default=None, help="triton_syncbn, torch_sync, torch_bn, apex")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: 1 on GPU, 2 on CPU)")
+    parser.add_argument(
+        "--interpret", action="store_true", help="run our kernels in Triton's interpreter (tiny shapes)"
+    )
+    parser.add_argument("--budget-ms", type=float, default=200.0, help="timing budget per case (one rank)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per case with several ranks")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<cpu|gpu>)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    from providers import MODES, PROVIDERS
+
+    for name, values, known in (("--modes", args.modes, MODES), ("--providers", args.providers, PROVIDERS)):
+        unknown = sorted(set(values or []) - set(known))
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}; choose from {list(known)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton, here and in spawned ranks
+    cuda = torch.cuda.is_available() and not args.interpret
+    world = args.world_size or (1 if cuda else 2)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        return run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+    if world == 1:
+        return run_rank(0, 1, free_port(), args)
+    print(f"launching {world} ranks ({'nccl' if cuda else 'gloo'})...", flush=True)
+    context = mp.start_processes(
+        _spawned_rank, args=(world, free_port(), args), nprocs=world, start_method="spawn", join=False
+    )
+    context.join()
+    return 0
+
+
+def _spawned_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    code = run_rank(rank, world, port, args)
+    if code:
+        raise SystemExit(code)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) -> int:
+    from providers import MODES, PROVIDERS, TRAFFIC, Case, build, count_events, unavailable_reason
+    from report import add_speedups, format_table, plot, write_files
+    from shapes import CPU_SHAPES, GPU_SHAPES, INTERPRETER_SHAPES, select
+    from timing import copy_bandwidth_gbps, time_callable
+
+    import triton_syncbn.backend
+
+    cuda = torch.cuda.is_available() and not args.interpret
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # A group even for one GPU: torch's synchronized path needs one (PERF.md, Baselines).
+    if world > 1 or cuda:
+        init = None if port is None else f"tcp://127.0.0.1:{port}"
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
+    group = dist.group.WORLD if dist.is_initialized() else None
+    lead = rank == 0
+
+    shapes = select(INTERPRETER_SHAPES if args.interpret else (GPU_SHAPES if cuda else CPU_SHAPES), args.shapes)
+    layouts = args.layouts or ["contiguous", "channels_last"]
+    modes = args.modes or list(MODES)
+    providers = args.providers or list(PROVIDERS)
+    backend = triton_syncbn.backend.backend_name(torch.empty(0, device=device))
+    copy_gbps = copy_bandwidth_gbps(device)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'x86'})",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "our_backend": backend,
+        "world_size": world,
+        "copy_gbps": round(copy_gbps, 1),
+        "note": "" if cuda else "CPU run: our plain-torch CPU path vs torch's CPU kernels; GPU numbers need a GPU.",
+    }
+    if lead:
+        print(f"{meta['device_name']}, {world} rank(s), our backend: {backend}, copy {copy_gbps:.1f} GB/s", flush=True)
+        if meta["note"]:
+            print(meta["note"], flush=True)
+
+    cases = [
+        (shape, dtype_name, layout, mode)
+        for shape in shapes
+        for dtype_name in args.dtype
+        for layout in layouts
+        if layout == "contiguous" or shape.has_channels_last
+        for mode in modes
+    ]
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    for index, (shape, dtype_name, layout, mode) in enumerate(cases, 1):
+        case = Case(shape.dims, DTYPES[dtype_name], layout == "channels_last", mode, device, group)
+        for provider in providers:
+            reason = unavailable_reason(provider, case)
+            if reason:
+                skipped[provider] = reason
+                continue
+            function = build(provider, case)
+            timing = time_callable(function, device, args.budget_ms, repeats=args.repeats if world > 1 else None)
+            kernels, collectives = count_events(function, device)
+            size = shape.numel * torch.empty(0, dtype=case.dtype).element_size()
+            algorithmic, actual = (factor * size / (timing.median_us * 1e-6) / 1e9 for factor in TRAFFIC[mode])
+            rows.append({
+                "shape": shape.id, "dims": list(shape.dims), "dtype": dtype_name, "layout": layout, "mode": mode,
+                "provider": provider, "median_us": round(timing.median_us, 2), "p20_us": round(timing.p20_us, 2),
+                "p80_us": round(timing.p80_us, 2), "algorithmic_gbps": round(algorithmic, 2),
+                "actual_gbps": round(actual, 2), "algorithmic_fraction": round(algorithmic / copy_gbps, 3),
+                "actual_fraction": round(actual / copy_gbps, 3), "kernels": kernels, "collectives": collectives,
+            })  # fmt: skip
+            del function
+            if lead:
+                print(f"[{index}/{len(cases)}] {shape.id} {dtype_name} {layout} {mode} {provider}: "
+                      f"{timing.median_us:.1f} us", flush=True)  # fmt: skip
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if not lead:
+        return 0
+    for provider, reason in skipped.items():
+        print(f"skipped {provider}: {reason}")
+    add_speedups(rows)
+    print(format_table(rows))
+    out = args.out or HERE / "results" / ("gpu" if cuda else "cpu")
+    paths = write_files(rows, meta, out)
+    paths.append(write_summary(rows, meta, out))
+    if not args.no_plots and rows:
+        paths += plot(rows, meta, out)
+        paths.append(plot_comm_model(rows, meta, out))
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+def write_summary(rows: list[dict], meta: dict, out: Path) -> Path:
+    """summary.md: the meta data and a markdown table (small enough to commit)."""
+    lines = [f"# Benchmark summary ({meta['date']})", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items() if value != ""]
+    lines += ["", "| shape | dtype | layout | mode | provider | median us | actual/copy | speedup | kernels | coll |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        speedup = ", ".join(f"{k} {v:.2f}x" for k, v in (row.get("speedup_vs") or {}).items())
+        kernels = "-" if row["kernels"] is None else row["kernels"]
+        lines.append(
+            f"| {row['shape']} | {row['dtype']} | {row['layout']} | {row['mode']} | {row['provider']} | "
+            f"{row['median_us']} | {row['actual_fraction']} | {speedup} | {kernels} | {row['collectives']} |"
+        )
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_comm_model(rows: list[dict], meta: dict, out: Path) -> Path:
+    """comm_model.png from measured forward+backward times of one mid-size case."""
+    from comm_model import plot
+
+    baseline = "torch_sync" if any(row["provider"] == "torch_sync" for row in rows) else "torch_bn"
+    timed = {}
+    for row in rows:
+        if row["mode"] == "forward+backward" and row["provider"] in ("triton_syncbn", baseline):
+            timed.setdefault((row["shape"], row["dtype"], row["layout"]), {})[row["provider"]] = row
+    chosen = next((key for key in timed if len(timed[key]) == 2), None)
+    if chosen is None or meta["device"] != "cuda":
+        kernel_us, channels = {"ours": 0.0, "torch": 0.0}, 256
+        note = "communication only: single-device kernel times come from a GPU run"
+    else:
+        pair = timed[chosen]
+        kernel_us = {"ours": pair["triton_syncbn"]["median_us"], "torch": pair[baseline]["median_us"]}
+        channels = pair["triton_syncbn"]["dims"][1]
+        note = f"kernel times: {'/'.join(chosen)} fwd+bwd on {meta['device_name']} ({baseline} for torch)"
+    path = out / "comm_model.png"
+    ratio = plot(str(path), channels, kernel_us, note)
+    print(f"communication model: at 512 GPUs torch's exposed time per layer is {ratio:.1f}x ours ({note})")
+    return path
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
