@@ -15,7 +15,10 @@ forward kept), ``forward+backward``, and ``fused-relu`` (forward + backward of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -124,12 +127,26 @@ def _layer(
     raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Hide what native code writes to fd 2 (the profiler prints a line at every start/stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def count_events(function: Callable[[], object], device: torch.device) -> tuple[int | None, int]:
     """(GPU kernels launched, collectives issued) by one call, from the profiler."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+    with _native_stderr_silenced(), torch.profiler.profile(activities=activities) as profile:
         function()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -4,16 +4,14 @@ Installed as ``triton_syncbn.kernels``. Nothing here talks to other ranks or tou
 import time; launchers in ``triton_syncbn.launchers`` pick blocks and grids.
 """
 
-import triton
-
 from .backward import _backward_dx_kernel, _backward_reduce_kernel, _combine_grad_sums_kernel
 from .normalize import _normalize_kernel
 from .stats import _combine_stats_kernel, _partial_stats_kernel
 
 # Triton decides when a kernel is decorated whether it runs compiled or through its CPU
-# interpreter (TRITON_INTERPRET=1 set before triton is imported); record that decision so the
-# launchers know which devices these kernel objects can serve.
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+# interpreter (TRITON_INTERPRET=1 set before triton is imported); record that decision, read off
+# the kernel object itself, so the launchers know which devices these kernels can serve.
+INTERPRETED: bool = type(_partial_stats_kernel).__name__ == "InterpretedFunction"
 
 __all__ = [
     "INTERPRETED",

@@ -36,3 +36,15 @@ def test_multi_split_specialization_launches_the_combine_kernels() -> None:
 
 def test_command_exit_status() -> None:
     assert codegen_check.main(["--arch", "90"]) == 0
+
+
+def test_restated_specialization_rules_match_the_jit() -> None:
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from triton_syncbn.codegen import specialize_like_jit
+
+    values = [1, 32, 7, 2**40, 0.5, None, torch.empty(4, device="meta"), torch.empty(3, dtype=torch.bfloat16)]
+    for value in values:
+        assert specialize_like_jit(value) == native_specialize_impl(BaseBackend, value, False, True, True), value

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
@@ -94,7 +94,7 @@ def compile_launch(launch: KernelLaunch, arch: int) -> Any:
             signature[name] = "constexpr"
             constexprs[name] = value
             continue
-        type_name, specialization = native_specialize_impl(BaseBackend, value, False, True, True)
+        type_name, specialization = _specialize(value)
         signature[name] = type_name
         if type_name == "constexpr":
             constexprs[name] = specialization
@@ -103,3 +103,38 @@ def compile_launch(launch: KernelLaunch, arch: int) -> Any:
     options = {name: launch.kwargs[name] for name in _LAUNCH_OPTIONS if name in launch.kwargs}
     source = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_POINTER_TYPES = {
+    torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+    torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1",
+}  # fmt: skip
+
+
+def _specialize(value: Any) -> tuple[str, Any]:
+    """(signature type, specialization) of one argument, as Triton's JIT derives them."""
+    try:  # the JIT's own rules, where this Triton exposes them
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+    return specialize_like_jit(value)
+
+
+def specialize_like_jit(value: Any) -> tuple[str, Any]:
+    """The JIT's specialization rules restated, for Triton releases that do not expose them."""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    raise TypeError(f"cannot specialize an argument of type {type(value).__name__}")
