@@ -8,8 +8,9 @@ so the check compiles exactly what would run) it asserts:
 - no local memory (register spills or a stack frame),
 - 128-bit global loads and stores in the streaming kernels for 16-byte aligned inputs, in both
   the contiguous and the channels_last layout,
-- 64-bit index arithmetic when the tensor can have 2**31 elements or more, and none below.
-Exit status 0 when every check holds.
+- 64-bit index arithmetic when the tensor can have 2**31 elements or more, and none below;
+and the same for every autotune config of the streaming kernels (``--no-tuned-configs`` skips
+those). Exit status 0 when every check holds.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from triton_syncbn import launchers
-from triton_syncbn.codegen import capture_launches, compile_launch
+from triton_syncbn.codegen import KernelLaunch, capture_launches, compile_launch
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
+from triton_syncbn.kernels.autotune import CONFIGS
 from triton_syncbn.layout import channel_view, empty_output_like
 
 STREAMING = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
@@ -82,15 +84,32 @@ def record_launches(spec: Spec) -> list:
     return launches
 
 
-def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
-    """(kernel name, failed checks) for every launch of ``spec`` compiled for ``sm_<arch>``."""
+def tuned_variants(spec: Spec, launch: KernelLaunch) -> list[tuple[str, KernelLaunch]]:
+    """``launch`` with each autotune config of its layout instead of the heuristic block sizes."""
+    if launch.name not in STREAMING:
+        return []
+    layout = "channels_last" if spec.memory_format != torch.contiguous_format or len(spec.shape) == 2 else "contiguous"
+    variants = []
+    for config in CONFIGS[layout]():
+        kwargs = {**launch.kwargs, **config.kwargs, "num_warps": config.num_warps}
+        label = f"{launch.name}[{config.kwargs['BLOCK_C']}x{config.kwargs['BLOCK_M']}, {config.num_warps} warps]"
+        variants.append((label, KernelLaunch(launch.kernel, launch.grid, launch.args, kwargs)))
+    return variants
+
+
+def check(spec: Spec, arch: int, tuned_configs: bool = False) -> list[tuple[str, list[str]]]:
+    """(kernel name, failed checks) for every launch of ``spec`` compiled for ``sm_<arch>``,
+    and with ``tuned_configs`` for every autotune config of the streaming kernels too."""
     results = []
-    for launch in record_launches(spec):
+    launches = [(launch.name, launch) for launch in record_launches(spec)]
+    if tuned_configs:
+        launches += [variant for _, launch in list(launches) for variant in tuned_variants(spec, launch)]
+    for label, launch in launches:
         failures = []
         try:
             compiled = compile_launch(launch, arch)
         except Exception as error:  # noqa: BLE001 - a build failure is a reported result
-            results.append((launch.name, [f"does not build: {type(error).__name__}: {error}"[:300]]))
+            results.append((label, [f"does not build: {type(error).__name__}: {error}"[:300]]))
             continue
         ptx = compiled.asm["ptx"]
         if not compiled.asm.get("cubin"):
@@ -111,7 +130,7 @@ def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
             wide = bool(re.search(r"(div|rem)\.s64", ptx))
             if spec.expect_int64 != wide:
                 failures.append("64-bit indexing expected" if spec.expect_int64 else "needless 64-bit indexing")
-        results.append((launch.name, failures))
+        results.append((label, failures))
     return results
 
 
@@ -119,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--verbose", action="store_true", help="print every kernel, not only failures")
+    parser.add_argument("--no-tuned-configs", action="store_true", help="skip compiling every autotune config")
     args = parser.parse_args(argv)
     failed = 0
     for arch in args.arch:
         for spec in SPECS:
             print(f"sm_{arch} {spec.name} ...", flush=True)
-            for kernel, failures in check(spec, arch):
+            for kernel, failures in check(spec, arch, tuned_configs=not args.no_tuned_configs):
                 failed += bool(failures)
                 if failures or args.verbose:
                     print(f"  {kernel}: {'; '.join(failures) or 'ok'}")

@@ -7,9 +7,12 @@ both results for the test process to hold against float64 references.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from triton_syncbn import launchers, torch_path
 from triton_syncbn.kernels import INTERPRETED
@@ -32,6 +35,7 @@ class KernelCase:
     seed: int = 0
     activation: str | None = None  # fused activation
     residual: str | None = None  # fused residual's layout: None, "same" or "contiguous"
+    tuned: bool = False  # launch through the autotuned variants (each narrowed to one config)
 
     @property
     def id(self) -> str:
@@ -40,6 +44,7 @@ class KernelCase:
         shape = "x".join(map(str, self.shape))
         fused = f"-{self.activation}" if self.activation else ""
         fused += f"-residual_{self.residual}" if self.residual else ""
+        fused += "-tuned" if self.tuned else ""
         return f"{shape}-{str(self.dtype)[6:]}-{self.layout}-dy_{self.grad_layout}-{tiles}-{self.mode}-{params}{fused}"
 
 
@@ -87,6 +92,39 @@ def _tiling(case: KernelCase, view: torch.Tensor) -> launchers.Tiling | None:
     return launchers.Tiling.split(view, *case.tiles)
 
 
+@contextlib.contextmanager
+def autotuned_launches() -> Iterator[None]:
+    """Make the launchers take their autotuned path, as on a GPU, in this (interpreter) process.
+
+    The interpreter cannot benchmark, so each tuner is rebuilt around one of its own configs
+    (the first that fits); everything else, grid lambdas, META block sizes, restore_value and
+    the chunking for tuned splits, runs as on a GPU. Restored on exit.
+    """
+    from triton_syncbn.kernels import autotune
+
+    original_tuned = {name: dict(variants) for name, variants in autotune.TUNED.items()}
+    original_plan = launchers.plan
+
+    def tuned_plan(view: torch.Tensor, tiling: launchers.Tiling | None) -> launchers.Plan:
+        chosen = original_plan(view, tiling)
+        heuristic = chosen.tiling
+        split = launchers.Tiling.split(view, heuristic.block_c, autotune.MAX_BLOCK_M, heuristic.splits)
+        return launchers.Plan(split, True, chosen.layout)
+
+    try:
+        for name, variants in autotune.TUNED.items():
+            for layout, tuner in variants.items():
+                restore = ["running_mean_ptr", "running_var_ptr"] if name.endswith("_update") else []
+                config = tuner.configs[0]
+                variants[layout] = triton.autotune(configs=[config], key=autotune.KEY, restore_value=restore)(tuner.fn)
+        launchers.plan = tuned_plan
+        yield
+    finally:
+        launchers.plan = original_plan
+        for name, variants in original_tuned.items():
+            autotune.TUNED[name].update(variants)
+
+
 def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
     """Both backends on the same inputs; rank 0 of the cluster only."""
     import torch.distributed as dist
@@ -95,6 +133,13 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
         return None
     if not INTERPRETED:
         raise RuntimeError("run_kernel_case needs a worker started with TRITON_INTERPRET=1")
+    if case.tuned:
+        with autotuned_launches():
+            return _run_kernel_case(case)
+    return _run_kernel_case(case)
+
+
+def _run_kernel_case(case: KernelCase) -> dict[str, object]:
     inputs = make_inputs(case)
     x = _layout(inputs["x"].to(case.dtype), case.layout)
     dy = inputs["dy"].to(case.dtype)

@@ -38,6 +38,10 @@ CASES = [
     KernelCase((6, 4, 10), tiles=(2, 8, 4), mode="running", activation="leaky_relu", residual="same"),
     KernelCase((37, 6), torch.float16, tiles=(8, 4, 4), activation="leaky_relu", weight=False, bias=False),
     KernelCase((3, 4, 2, 3, 5), torch.float64, "channels_last", activation="silu", residual="same"),
+    # the autotuned path (grid lambdas, META block sizes, restore_value, tuned chunking)
+    KernelCase((4, 2, 16, 64), tuned=True),  # contiguous: 2 splits of 2048-element chunks
+    KernelCase((4, 5, 3, 6), torch.bfloat16, "channels_last", tuned=True, activation="relu", residual="same"),
+    KernelCase((6, 4, 10), mode="running", tuned=True),
 ]
 
 
@@ -125,6 +129,17 @@ def test_kernel_contracts(clusters, case: KernelCase) -> None:
             if case.dtype == torch.float64:  # parameters and buffers are float64 too
                 dtype = torch.float64
             assert_close(actual, value, dtype, f"{backend} {name} ({case.id})")
+
+
+def test_tuned_case_really_splits(clusters) -> None:
+    case = next(case for case in CASES if case.tuned)
+    assert clusters("interpreter").run(run_kernel_case, case)[0]["tiling"] is None  # launchers' own choice
+    from triton_syncbn import launchers
+    from triton_syncbn.kernels.autotune import MAX_BLOCK_M
+
+    view = torch.empty(case.shape).view(case.shape[0], case.shape[1], -1)
+    heuristic = launchers.choose_tiling(view)
+    assert launchers.Tiling.split(view, heuristic.block_c, MAX_BLOCK_M, heuristic.splits).splits == 2
 
 
 def test_splits_actually_split(clusters) -> None:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from triton_syncbn.kernels import (
+    INTERPRETED,
     _backward_dx_kernel,
     _backward_reduce_kernel,
     _combine_grad_sums_kernel,
@@ -84,6 +85,59 @@ def _target_programs(device: torch.device) -> int:
     return _INTERPRETER_PROGRAMS
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How one launcher call runs: autotuned (compiled kernels on CUDA, unless a tiling is
+    forced) or with ``tiling``'s block sizes. The split count and chunk come from ``tiling``
+    either way; tuned chunks are multiples of every config's BLOCK_M."""
+
+    tiling: Tiling
+    tuned: bool
+    layout: str  # "contiguous" or "channels_last": which tuner
+
+    @property
+    def smallest_block_m(self) -> int:
+        if not self.tuned:
+            return self.tiling.block_m
+        from triton_syncbn.kernels.autotune import CONFIGS
+
+        return min(config.kwargs["BLOCK_M"] for config in CONFIGS[self.layout]())
+
+
+def plan(view: torch.Tensor, tiling: Tiling | None) -> Plan:
+    """The launch plan for ``view`` ``[N, C, S]``; ``tiling`` forces block sizes and splits."""
+    layout = "channels_last" if view.stride(1) == 1 and view.shape[1] > 1 else "contiguous"
+    if tiling is not None:
+        return Plan(tiling, False, layout)
+    heuristic = choose_tiling(view)
+    if view.device.type != "cuda" or INTERPRETED:  # the interpreter cannot benchmark: one config
+        return Plan(heuristic, False, layout)
+    from triton_syncbn.kernels.autotune import MAX_BLOCK_M
+
+    return Plan(Tiling.split(view, heuristic.block_c, MAX_BLOCK_M, heuristic.splits), True, layout)
+
+
+def _launch(
+    kernel: object,
+    name: str,
+    plan: Plan,
+    channels: int,
+    *args: object,
+    restore_running: bool = False,
+    **constexprs: object,
+) -> None:
+    """Launch ``kernel`` (named ``name``) over ``plan``'s grid: its autotuned variant for the
+    layout, or the plain kernel with the plan's block sizes."""
+    if plan.tuned:
+        from triton_syncbn.kernels.autotune import TUNED
+
+        variant = TUNED[name + ("_update" if restore_running else "")][plan.layout]
+        splits = plan.tiling.splits
+        variant[lambda meta: (triton.cdiv(channels, meta["BLOCK_C"]), splits)](*args, **constexprs)
+        return
+    kernel[plan.tiling.grid(channels)](*args, BLOCK_C=plan.tiling.block_c, BLOCK_M=plan.tiling.block_m, **constexprs)
+
+
 def _needs_int64(*views: torch.Tensor) -> bool:
     """True when an element offset of any view can exceed int32."""
     for view in views:
@@ -133,22 +187,25 @@ def partial_stats(x: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor
     """
     batch, channels, spatial = x.shape
     elements = batch * spatial
-    tiling = tiling or choose_tiling(x)
+    run = plan(x, tiling)
+    splits = run.tiling.splits
     acc_dtype = accumulation_dtype(x.dtype)
     packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
     partials = packed
-    if tiling.splits > 1:
-        partials = torch.empty(2, tiling.splits, channels, dtype=acc_dtype, device=x.device)
+    if splits > 1:
+        partials = torch.empty(2, splits, channels, dtype=acc_dtype, device=x.device)
     int64 = _needs_int64(x)
-    _partial_stats_kernel[tiling.grid(channels)](
-        x, partials, channels, spatial, elements, tiling.chunk, tiling.splits, *x.stride(),
-        ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=tiling.splits == 1,
-        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=int64, SPATIAL_VEC=_spatial_vector(tiling.block_m, x),
+    _launch(
+        _partial_stats_kernel, "_partial_stats_kernel", run, channels,
+        x, partials, channels, spatial, elements, run.tiling.chunk, splits, *x.stride(),
+        ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64,
+        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, x),
     )  # fmt: skip
-    if tiling.splits > 1:
-        _combine_stats_kernel[(triton.cdiv(channels, tiling.block_c),)](
-            partials, x, packed, channels, elements, tiling.chunk, tiling.splits, x.stride(1),
-            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c, INT64=int64,
+    if splits > 1:
+        combine_block = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
+        _combine_stats_kernel[(triton.cdiv(channels, combine_block),)](
+            partials, x, packed, channels, elements, run.tiling.chunk, splits, x.stride(1),
+            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=combine_block, INT64=int64,
         )  # fmt: skip
     return packed
 
@@ -180,21 +237,23 @@ def normalize(
     Returns ``(mean, invstd)`` ``[C]`` in the accumulation dtype, as used, for backward.
     """
     batch, channels, spatial = x.shape
-    tiling = tiling or choose_tiling(x)
+    run = plan(x, tiling)
     acc_dtype = accumulation_dtype(x.dtype)
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
     invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
     batch_stats = stats is not None
     update_running = batch_stats and running_mean is not None
     cumulative = update_running and num_batches_tracked is not None
-    _normalize_kernel[tiling.grid(channels)](
+    _launch(
+        _normalize_kernel, "_normalize_kernel", run, channels,
         x, out, residual, weight, bias, stats, mean, invstd,
         running_mean, running_var, num_batches_tracked if cumulative else None,
         float(momentum), float(eps), float(negative_slope),
-        channels, spatial, batch * spatial, tiling.chunk, *x.stride(), *out.stride(), *_strides(residual),
+        channels, spatial, batch * spatial, run.tiling.chunk, *x.stride(), *out.stride(), *_strides(residual),
+        restore_running=update_running,
         BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative, ACTIVATION=activation,
-        ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
-        INT64=_needs_int64(x, out, *_present(residual)), SPATIAL_VEC=_spatial_vector(tiling.block_m, x, out, residual),
+        ACC_DTYPE=_tl_dtype(acc_dtype), INT64=_needs_int64(x, out, *_present(residual)),
+        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, x, out, residual),
     )  # fmt: skip
     return mean, invstd
 
@@ -224,27 +283,30 @@ def backward_reduce(
     """
     batch, channels, spatial = x.shape
     elements = batch * spatial
-    tiling = tiling or choose_tiling(x)
+    run = plan(x, tiling)
+    splits = run.tiling.splits
     acc_dtype = accumulation_dtype(x.dtype)
     sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
     grad_weight = None if weight_grad_dtype is None else torch.empty(channels, dtype=weight_grad_dtype, device=x.device)
     grad_bias = None if bias_grad_dtype is None else torch.empty(channels, dtype=bias_grad_dtype, device=x.device)
     partials = sums
-    if tiling.splits > 1:
-        partials = torch.empty(2, tiling.splits, channels, dtype=acc_dtype, device=x.device)
-    _backward_reduce_kernel[tiling.grid(channels)](
+    if splits > 1:
+        partials = torch.empty(2, splits, channels, dtype=acc_dtype, device=x.device)
+    _launch(
+        _backward_reduce_kernel, "_backward_reduce_kernel", run, channels,
         grad_out, x, residual if activation else None, mean, invstd,
         weight if activation else None, bias if activation else None, partials, grad_weight, grad_bias,
-        channels, spatial, elements, tiling.chunk, tiling.splits, float(negative_slope),
+        channels, spatial, elements, run.tiling.chunk, splits, float(negative_slope),
         *grad_out.stride(), *x.stride(), *_strides(residual),
-        ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=tiling.splits == 1,
-        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, INT64=_needs_int64(grad_out, x, *_present(residual)),
-        SPATIAL_VEC=_spatial_vector(tiling.block_m, grad_out, x, residual if activation else None),
+        ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
+        INT64=_needs_int64(grad_out, x, *_present(residual)),
+        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, grad_out, x, residual if activation else None),
     )  # fmt: skip
-    if tiling.splits > 1:
-        _combine_grad_sums_kernel[(triton.cdiv(channels, tiling.block_c),)](
-            partials, invstd, sums, grad_weight, grad_bias, channels, tiling.splits,
-            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=tiling.block_c,
+    if splits > 1:
+        combine_block = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
+        _combine_grad_sums_kernel[(triton.cdiv(channels, combine_block),)](
+            partials, invstd, sums, grad_weight, grad_bias, channels, splits,
+            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=combine_block,
         )  # fmt: skip
     return sums, grad_weight, grad_bias
 
@@ -277,17 +339,17 @@ def backward_dx(
     ``grad_residual`` must then have the same strides as ``residual``.
     """
     batch, channels, spatial = x.shape
-    tiling = tiling or choose_tiling(x)
+    run = plan(x, tiling)
     if grad_residual is not None and residual is not None and grad_residual.stride() != residual.stride():
         raise ValueError("grad_residual must have the residual's strides")
     residual_layout = residual if residual is not None else grad_residual
-    _backward_dx_kernel[tiling.grid(channels)](
+    _launch(
+        _backward_dx_kernel, "_backward_dx_kernel", run, channels,
         grad_out, x, out, residual if activation else None, grad_residual, mean, invstd, weight,
         bias if activation else None, sums, count,
-        channels, spatial, batch * spatial, tiling.chunk, float(negative_slope),
+        channels, spatial, batch * spatial, run.tiling.chunk, float(negative_slope),
         *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout),
         BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-        BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m,
         INT64=_needs_int64(grad_out, x, *_present(out, residual_layout)),
-        SPATIAL_VEC=_spatial_vector(tiling.block_m, grad_out, x, out, residual_layout),
+        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, grad_out, x, out, residual_layout),
     )  # fmt: skip
