@@ -154,5 +154,9 @@ def count_events(function: Callable[[], object], device: torch.device) -> tuple[
     collectives = sum(1 for event in events if event.name.startswith(("gloo:", "nccl:")))
     if device.type != "cuda":
         return None, collectives
-    kernels = sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sum(
+        1
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))
+    )
     return kernels, collectives
