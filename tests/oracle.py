@@ -47,6 +47,7 @@ class Case:
     activation: str | None = None  # fused activation (SyncBatchNorm(activation=...))
     negative_slope: float = 0.01
     residual: str | None = None  # fused residual add: None, "same" or "contiguous" memory format
+    strided: bool = False  # x and dy as non-contiguous views (every other channel of a wider tensor)
 
     @property
     def world(self) -> int:
@@ -79,6 +80,8 @@ class Case:
             parts.append(self.activation)
         if self.residual is not None:
             parts.append(f"residual_{self.residual}")
+        if self.strided:
+            parts.append("strided")
         return "-".join(parts)
 
 

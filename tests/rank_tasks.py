@@ -79,8 +79,11 @@ def run_case_as(case: Case, group: dist.ProcessGroup | None, rank: int) -> dict[
     for step in range(case.steps):
         x_global, dy_global = global_batch(case, step)
         rows = rank_rows(case, rank)
-        x = x_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+        x = x_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format)
         dy = dy_global[rows].to(device, case.dtype).contiguous(memory_format=memory_format)
+        if case.strided:  # every other channel of a tensor twice as wide: a non-contiguous view
+            x, dy = (torch.repeat_interleave(t, 2, dim=1)[:, ::2] for t in (x, dy))
+        x.requires_grad_(True)
         module.zero_grad(set_to_none=True)
         residual = None
         if case.residual is not None:
@@ -94,8 +97,9 @@ def run_case_as(case: Case, group: dist.ProcessGroup | None, rank: int) -> dict[
         if residual is not None:
             layouts_kept &= residual.grad.dtype == case.dtype and residual.grad.shape == residual.shape
             result["residual_grads"].append(residual.grad.cpu())
-        layouts_kept &= y.dtype == case.dtype and y.is_contiguous(memory_format=memory_format)
-        layouts_kept &= x.grad.dtype == case.dtype and x.grad.is_contiguous(memory_format=memory_format)
+        expected_format = torch.contiguous_format if case.strided else memory_format
+        layouts_kept &= y.dtype == case.dtype and y.is_contiguous(memory_format=expected_format)
+        layouts_kept &= x.grad.dtype == case.dtype and x.grad.is_contiguous(memory_format=expected_format)
         result["outputs"].append(y.detach().cpu())
         result["input_grads"].append(x.grad.cpu())
         result["weight_grads"].append(None if module.weight is None else module.weight.grad.cpu())

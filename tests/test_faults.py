@@ -1,0 +1,44 @@
+"""A rank that dies or stalls: the others get an error within the process group's timeout, and
+their module state (running statistics, num_batches_tracked) is left as it was."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from fault_tasks import rank_main
+
+pytestmark = pytest.mark.distributed
+
+TIMEOUT_S = 8.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["dies", "stalls"])
+def test_surviving_rank_gets_an_error_not_a_hang(fault: str) -> None:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=rank_main, args=(rank, port, fault, TIMEOUT_S, results), daemon=True)
+        for rank in range(2)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        result = results.get(timeout=120)
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+    assert result["outcome"] != "no error"
+    assert result["elapsed"] <= TIMEOUT_S * 2.5, result
+    assert result["state_unchanged"], result
