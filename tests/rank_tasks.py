@@ -144,6 +144,7 @@ def count_collectives(case: Case, input_requires_grad: bool) -> dict[str, int] |
     x_global, dy_global = global_batch(case, 0)
     rows = rank_rows(case, rank)
     x = x_global[rows].to(case.dtype).requires_grad_(input_requires_grad)
+    module(x).backward(dy_global[rows].to(case.dtype))  # the first call also checks that ranks agree
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as forward_profile:
         y = module(x)
@@ -389,3 +390,37 @@ def train_with_join(steps_per_rank: tuple[int, ...]) -> dict[str, object] | None
     except RuntimeError:
         raised = True
     return {"completed": completed, "raised": raised, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def first_call_handshake(case: Case) -> dict[str, int] | None:
+    """Collectives in a module's first and second synchronized forward (the first checks agreement)."""
+    group = subgroup(case.world)
+    rank = current_rank()
+    if rank >= case.world:
+        return None
+    module = build_module(case, group)
+    x = global_batch(case, 0)[0][rank_rows(case, rank)].to(case.dtype)
+    counts = {}
+    for name in ("first", "second"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            module(x)
+        counts[name] = gloo_events(profile)
+    return counts
+
+
+def disagreeing_ranks(kind: str) -> dict[str, object] | None:
+    """Rank 1 of a 2-rank group differs from rank 0 in ``kind``; report what each rank raised."""
+    group = subgroup(2)
+    rank = current_rank()
+    if rank >= 2:
+        return None
+    channels = 5 if (kind == "channels" and rank == 1) else 4
+    dtype = torch.float64 if (kind == "dtype" and rank == 1) else torch.float32
+    requires_grad = not (kind == "requires_grad" and rank == 1)
+    module = triton_syncbn.SyncBatchNorm(channels, process_group=group, dtype=dtype)
+    x = torch.randn(3, channels, 6, dtype=dtype, requires_grad=requires_grad)
+    try:
+        module(x)
+    except ValueError as error:
+        return {"error": str(error), "num_batches_tracked": int(module.num_batches_tracked)}
+    return {"error": None, "num_batches_tracked": int(module.num_batches_tracked)}

@@ -152,3 +152,20 @@ def test_ddp_join_with_uneven_inputs_stops_every_rank_together(clusters) -> None
     for result in results[1:]:
         for name, value in results[0]["state"].items():
             assert torch.equal(result["state"][name], value), name
+
+
+def test_agreement_check_runs_once_per_signature(clusters) -> None:
+    results = clusters("torch-cpu").run(rank_tasks.first_call_handshake, Case(batches=(3, 2)))
+    assert results[:2] == [{"first": 2, "second": 1}] * 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [("channels", "channels (from 4 to 5"), ("dtype", "dtype (from float32 to float64"),
+     ("requires_grad", "input requires_grad (from 0 to 1")],
+)  # fmt: skip
+def test_disagreeing_ranks_all_raise_instead_of_hanging(clusters, kind: str, named: str) -> None:
+    results = clusters("torch-cpu").run(rank_tasks.disagreeing_ranks, kind)
+    for result in results[:2]:
+        assert result["error"] is not None and named in result["error"], result
+        assert result["num_batches_tracked"] == 0

@@ -46,3 +46,40 @@ def group_from_name(name: str) -> dist.ProcessGroup | None:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(name)
+
+
+def verify_same_on_all_ranks(
+    fields: dict[str, int],
+    group: dist.ProcessGroup,
+    device: torch.device,
+    labels: dict[str, dict[int, str]] | None = None,
+) -> None:
+    """Raise ``ValueError`` on every rank of ``group`` unless every rank passed the same ``fields``.
+
+    ``labels`` optionally names a field's values in the message (e.g. dtype codes).
+
+    One all-reduce (MAX) of a fixed-size int64 vector ``[values, -values]``, so ranks that
+    disagree still issue identical collectives: they all learn the minimum and maximum of each
+    field and all raise the same error, instead of hanging or aborting in a mismatched
+    collective later. ``device`` must suit the group's backend (the input's device).
+    """
+    values = list(fields.values())
+    extremes = torch.tensor(values + [-value for value in values], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    maxima, minima = extremes[: len(values)].tolist(), [-value for value in extremes[len(values) :].tolist()]
+    labels = labels or {}
+
+    def show(name: str, value: int) -> str:
+        return labels.get(name, {}).get(value, str(value))
+
+    mismatched = [
+        f"{name} (from {show(name, low)} to {show(name, high)} across ranks; this rank: {show(name, value)})"
+        for (name, value), low, high in zip(fields.items(), minima, maxima, strict=True)
+        if low != high
+    ]
+    if mismatched:
+        raise ValueError(
+            "SyncBatchNorm: the ranks of the process group disagree on " + "; ".join(mismatched) + ". Every rank "
+            "must run the same layer on inputs of the same channel count and dtype, all with or all without "
+            "requires_grad."
+        )

@@ -11,8 +11,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .distributed import sync_group
+from .distributed import sync_group, verify_same_on_all_ranks
 from .functional import activation_code, batch_norm_function, check_input
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 # Activation modules that convert_sync_batchnorm(fuse_activation=True) folds into the layer before.
 _FUSIBLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
@@ -65,6 +67,8 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.activation = None if activation == "identity" else activation
         self.negative_slope = negative_slope
+        # What this layer last verified all ranks agree on (see _verify_ranks_agree).
+        self._agreed_signature: tuple[int, ...] | None = None
 
     def __deepcopy__(self, memo: dict[int, object]) -> SyncBatchNorm:
         """Copy everything but the process group, which is a shared handle (copying it fails, as
@@ -102,6 +106,8 @@ class SyncBatchNorm(_BatchNorm):
         tracks = not self.training or self.track_running_stats
         counts_batch = self.training and self.track_running_stats
         group = sync_group(self.process_group) if (use_batch_stats and self.training) else None
+        if group is not None:
+            self._verify_ranks_agree(input, group)
         return batch_norm_function(
             input,
             self.running_mean if tracks else None,
@@ -118,6 +124,26 @@ class SyncBatchNorm(_BatchNorm):
             activation=self.activation,
             negative_slope=self.negative_slope,
         )
+
+    def _verify_ranks_agree(self, input: torch.Tensor, group: dist.ProcessGroup) -> None:
+        """On the first synchronized call, and whenever this rank's (channels, dtype,
+        requires_grad) changes, check with one small all-reduce that every rank agrees: ranks
+        that disagree would otherwise hang or abort in a mismatched collective. Free in steady
+        state; skipped inside torch.compile graphs (the eager first call does it)."""
+        if torch.compiler.is_compiling():
+            return
+        fields = {
+            "channels": input.shape[1],
+            "dtype": _DTYPE_CODES[input.dtype],
+            "input requires_grad": int(input.requires_grad and torch.is_grad_enabled()),
+            "group size": dist.get_world_size(group),
+        }
+        signature = tuple(fields.values())
+        if getattr(self, "_agreed_signature", None) == signature:
+            return
+        dtype_names = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
+        verify_same_on_all_ranks(fields, group, input.device, labels={"dtype": dtype_names})
+        self._agreed_signature = signature
 
     @classmethod
     def convert_sync_batchnorm(
