@@ -22,6 +22,7 @@ from triton_syncbn.kernels import (
     _combine_stats_kernel,
     _normalize_kernel,
     _partial_stats_kernel,
+    autotune,
 )
 
 from .layout import accumulation_dtype
@@ -99,9 +100,7 @@ class Plan:
     def smallest_block_m(self) -> int:
         if not self.tuned:
             return self.tiling.block_m
-        from triton_syncbn.kernels.autotune import CONFIGS
-
-        return min(config.kwargs["BLOCK_M"] for config in CONFIGS[self.layout]())
+        return min(config.kwargs["BLOCK_M"] for config in autotune.CONFIGS[self.layout]())
 
 
 def plan(view: torch.Tensor, tiling: Tiling | None) -> Plan:
@@ -112,30 +111,26 @@ def plan(view: torch.Tensor, tiling: Tiling | None) -> Plan:
     heuristic = choose_tiling(view)
     if view.device.type != "cuda" or INTERPRETED:  # the interpreter cannot benchmark: one config
         return Plan(heuristic, False, layout)
-    from triton_syncbn.kernels.autotune import MAX_BLOCK_M
-
-    return Plan(Tiling.split(view, heuristic.block_c, MAX_BLOCK_M, heuristic.splits), True, layout)
+    return Plan(Tiling.split(view, heuristic.block_c, autotune.MAX_BLOCK_M, heuristic.splits), True, layout)
 
 
 def _launch(
     kernel: object,
     name: str,
-    plan: Plan,
+    launch_plan: Plan,
     channels: int,
     *args: object,
     restore_running: bool = False,
     **constexprs: object,
 ) -> None:
-    """Launch ``kernel`` (named ``name``) over ``plan``'s grid: its autotuned variant for the
-    layout, or the plain kernel with the plan's block sizes."""
-    if plan.tuned:
-        from triton_syncbn.kernels.autotune import TUNED
-
-        variant = TUNED[name + ("_update" if restore_running else "")][plan.layout]
-        splits = plan.tiling.splits
-        variant[lambda meta: (triton.cdiv(channels, meta["BLOCK_C"]), splits)](*args, **constexprs)
+    """Launch ``kernel`` (named ``name``) over ``launch_plan``'s grid: its autotuned variant for
+    the layout, or the plain kernel with the plan's block sizes."""
+    tiling = launch_plan.tiling
+    if launch_plan.tuned:
+        variant = autotune.TUNED[name + ("_update" if restore_running else "")][launch_plan.layout]
+        variant[lambda meta: (triton.cdiv(channels, meta["BLOCK_C"]), tiling.splits)](*args, **constexprs)
         return
-    kernel[plan.tiling.grid(channels)](*args, BLOCK_C=plan.tiling.block_c, BLOCK_M=plan.tiling.block_m, **constexprs)
+    kernel[tiling.grid(channels)](*args, BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, **constexprs)
 
 
 def _needs_int64(*views: torch.Tensor) -> bool:
