@@ -424,3 +424,26 @@ def disagreeing_ranks(kind: str) -> dict[str, object] | None:
     except ValueError as error:
         return {"error": str(error), "num_batches_tracked": int(module.num_batches_tracked)}
     return {"error": None, "num_batches_tracked": int(module.num_batches_tracked)}
+
+
+def non_finite_inputs(check_finite: bool) -> dict[str, object] | None:
+    """2 ranks; rank 0's input has a NaN in channel 1 and an Inf in channel 2. Returns this
+    rank's output, running statistics, or the error the opt-in check raised."""
+    group = subgroup(2)
+    rank = current_rank()
+    if rank >= 2:
+        return None
+    x_global = non_finite_batch()
+    module = triton_syncbn.SyncBatchNorm(4, process_group=group, check_finite=check_finite)
+    try:
+        output = module(x_global[rank * 3 : rank * 3 + 3])
+    except FloatingPointError as error:
+        return {"error": str(error), "num_batches_tracked": int(module.num_batches_tracked)}
+    return {"output": output.detach(), "running_mean": module.running_mean, "running_var": module.running_var}
+
+
+def non_finite_batch() -> torch.Tensor:
+    x = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(3))
+    x[1, 1, 2] = float("nan")
+    x[2, 2, 0] = float("inf")
+    return x

@@ -169,3 +169,27 @@ def test_disagreeing_ranks_all_raise_instead_of_hanging(clusters, kind: str, nam
     for result in results[:2]:
         assert result["error"] is not None and named in result["error"], result
         assert result["num_batches_tracked"] == 0
+
+
+def test_non_finite_inputs_behave_like_batchnorm_on_the_global_batch(clusters) -> None:
+    """NaN/Inf in one rank's input poison those channels on every rank, exactly where
+    torch.nn.BatchNorm1d on the concatenated batch puts NaN/Inf; other channels are unaffected."""
+    results = clusters("torch-cpu").run(rank_tasks.non_finite_inputs, False)[:2]
+    reference = torch.nn.BatchNorm1d(4)
+    expected = reference(rank_tasks.non_finite_batch()).detach()
+    output = torch.cat([result["output"] for result in results])
+    assert torch.equal(output.isnan(), expected.isnan()) and torch.equal(output.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(output[finite], expected[finite], atol=1e-5, rtol=1e-5)
+    for name in ("running_mean", "running_var"):
+        ours, theirs = results[0][name], getattr(reference, name)
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf()), name
+        assert torch.equal(results[1][name].isnan(), ours.isnan())
+
+
+def test_opt_in_finite_check_names_the_channels_on_every_rank(clusters) -> None:
+    results = clusters("torch-cpu").run(rank_tasks.non_finite_inputs, True)[:2]
+    assert "in channels [1, 2] of the global batch" in results[0]["error"]
+    assert "has them in channels [1, 2]" in results[0]["error"]
+    assert "has them in channels []" in results[1]["error"]
+    assert all(result["num_batches_tracked"] == 0 for result in results)

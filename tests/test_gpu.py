@@ -115,3 +115,24 @@ def test_compiled_model_on_cuda_matches_eager() -> None:
         torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3)
     for p, q in zip(eager.buffers(), compiled_model.buffers(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)
+
+
+def test_more_than_2_31_elements() -> None:
+    """Offsets past 2**31 (int64 indexing): the tail of a 3.2e9-element tensor is normalized right."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 2**29 + 13, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    module = triton_syncbn.SyncBatchNorm(3).cuda()
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        module.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x.requires_grad_(True)
+    y = module(x)
+    var, mean = torch.var_mean(x.detach().float(), dim=(0, 2), correction=0)
+    tail = x.detach()[1, :, -4096:].float()
+    expected = (tail - mean[:, None]) / torch.sqrt(var[:, None] + module.eps) * module.weight[:, None]
+    expected = expected + module.bias[:, None]
+    torch.testing.assert_close(y.detach()[1, :, -4096:].float(), expected, atol=3e-2, rtol=3e-2)
+    y.backward(torch.ones_like(y))  # a constant output grad: the input grad is ~0 everywhere
+    assert x.grad[1, :, -4096:].float().abs().max() < 1e-2
+    torch.testing.assert_close(module.running_mean, 0.1 * mean, atol=1e-3, rtol=1e-3)

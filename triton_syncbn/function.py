@@ -35,13 +35,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         group_name: str,
         activation: int,
         negative_slope: float,
+        check_finite: bool = False,
     ) -> torch.Tensor:
         cumulative = momentum is None and num_batches_tracked is not None
         run = ops.forward_op if torch.compiler.is_compiling() else stages.forward
         output, mean, invstd, count = run(
             input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
             0.0 if momentum is None else momentum, cumulative, eps, use_batch_stats, group_name, activation,
-            negative_slope,
+            negative_slope, check_finite,
         )  # fmt: skip
         # Backward recomputes the activation's input from x and the statistics; it needs the
         # residual only then. Nothing the size of the output is saved (weight and bias are
@@ -73,4 +74,4 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_input, grad_residual, grad_weight, grad_bias = grads
         if need_residual and not fused:
             grad_residual = grad_output  # y = bn(x) + residual: the residual's gradient is dy
-        return (grad_input, grad_residual, grad_weight, grad_bias) + (None,) * 9
+        return (grad_input, grad_residual, grad_weight, grad_bias) + (None,) * 10

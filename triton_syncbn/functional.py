@@ -87,6 +87,7 @@ def batch_norm_function(
     residual: torch.Tensor | None = None,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Validate everything, then run ``SyncBatchNormFunction``; a rejected call changes nothing.
 
@@ -118,7 +119,7 @@ def batch_norm_function(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     return SyncBatchNormFunction.apply(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-        use_batch_stats, group_name(group), code, float(negative_slope),
+        use_batch_stats, group_name(group), code, float(negative_slope), check_finite,
     )  # fmt: skip
 
 
@@ -136,6 +137,7 @@ def sync_batch_norm(
     residual: torch.Tensor | None = None,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Synchronized ``F.batch_norm``: same arguments, plus the group to synchronize over, and
     an optional fused epilogue: returns ``act(batch_norm(input) + residual)``.
@@ -148,11 +150,12 @@ def sync_batch_norm(
     and nothing is communicated. ``residual`` (input's shape, dtype and device; any memory
     format) is added before ``activation`` (None/"identity", "relu", "leaky_relu" with
     ``negative_slope``, "silu") and receives its gradient. Returns a tensor of ``input``'s shape,
-    dtype and memory format.
+    dtype and memory format. ``check_finite=True`` raises ``FloatingPointError`` naming the
+    channels whose batch statistics are not finite (a host sync per call; off by default).
     """
     group = sync_group(process_group) if training else None
     return batch_norm_function(
         input, running_mean, running_var, weight, bias,
         use_batch_stats=training, momentum=momentum, eps=eps, group=group,
-        residual=residual, activation=activation, negative_slope=negative_slope,
+        residual=residual, activation=activation, negative_slope=negative_slope, check_finite=check_finite,
     )  # fmt: skip

@@ -56,6 +56,7 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        check_finite: bool = False,
     ) -> None:
         activation_code(activation)  # reject unsupported names before building anything
         bias_kwargs = {}
@@ -67,6 +68,9 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.activation = None if activation == "identity" else activation
         self.negative_slope = negative_slope
+        # Opt-in: raise FloatingPointError naming the channels whose batch statistics went
+        # non-finite (costs a host sync per training step). Settable at any time.
+        self.check_finite = check_finite
         # What this layer last verified all ranks agree on (see _verify_ranks_agree).
         self._agreed_signature: tuple[int, ...] | None = None
 
@@ -123,6 +127,7 @@ class SyncBatchNorm(_BatchNorm):
             residual=residual,
             activation=self.activation,
             negative_slope=self.negative_slope,
+            check_finite=getattr(self, "check_finite", False),
         )
 
     def _verify_ranks_agree(self, input: torch.Tensor, group: dist.ProcessGroup) -> None:

@@ -33,11 +33,12 @@ def forward_op(
     group_name: str,
     activation: int,
     negative_slope: float,
+    check_finite: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``stages.forward`` as an op: ``(output, mean, invstd, count)``."""
     return stages.forward(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps,
-        use_batch_stats, group_name, activation, negative_slope,
+        use_batch_stats, group_name, activation, negative_slope, check_finite,
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ def forward(
     group_name: str,
     activation: int,
     negative_slope: float,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input`` ``(N, C, *)`` -> ``(output, mean, invstd, count)``.
 
@@ -38,7 +39,9 @@ def forward(
     count with batch statistics, else empty. With batch statistics, running statistics (when
     given) are updated in place and ``num_batches_tracked`` (when given) is incremented;
     ``cumulative`` takes ``1 / num_batches_tracked`` as the momentum. ``group_name`` names the
-    process group to all-reduce over ("" for none).
+    process group to all-reduce over ("" for none). ``check_finite`` raises
+    ``FloatingPointError`` naming the channels whose global statistics are not finite (a host
+    sync; off by default), before anything is written.
     """
     ops = kernel_backend(input)
     x = channel_view(input)
@@ -54,9 +57,12 @@ def forward(
         )
         return output, mean, invstd, torch.empty(0, dtype=torch.float64, device=input.device)
     stats = ops.partial_stats(x)
+    local_stats = stats.clone() if check_finite else None
     group = group_from_name(group_name)
     if group is not None:
         all_reduce_sum_(stats, group)
+    if local_stats is not None:
+        _raise_if_not_finite(stats, local_stats, input.shape)
     if _global_batch_has_one_value(x, stats, group is not None):
         raise ValueError(
             "Expected more than 1 value per channel when training, got 1 value per channel "
@@ -69,6 +75,17 @@ def forward(
         num_batches_tracked if cumulative else None, momentum, eps, **epilogue,
     )  # fmt: skip
     return output, mean, invstd, stats[0]
+
+
+def _raise_if_not_finite(stats: torch.Tensor, local_stats: torch.Tensor, shape: torch.Size) -> None:
+    """The opt-in non-finite check: every rank sees the same global statistics, so all raise."""
+    bad = (~torch.isfinite(stats).all(dim=0)).nonzero().flatten().tolist()
+    if bad:
+        local = (~torch.isfinite(local_stats).all(dim=0)).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"SyncBatchNorm: non-finite batch statistics (NaN or Inf in the input) in channels {bad} of the "
+            f"global batch; this rank's input (shape {tuple(shape)}) has them in channels {local}"
+        )
 
 
 def _global_batch_has_one_value(x: torch.Tensor, stats: torch.Tensor, synchronized: bool) -> bool:
