@@ -72,7 +72,7 @@ class SyncBatchNorm(_BatchNorm):
         # non-finite (costs a host sync per training step). Settable at any time.
         self.check_finite = check_finite
         # What this layer last verified all ranks agree on (see _verify_ranks_agree).
-        self._agreed_signature: tuple[int, ...] | None = None
+        self._agreed_signature: tuple[object, ...] | None = None
 
     def __deepcopy__(self, memo: dict[int, object]) -> SyncBatchNorm:
         """Copy everything but the process group, which is a shared handle (copying it fails, as
@@ -137,15 +137,16 @@ class SyncBatchNorm(_BatchNorm):
         state; skipped inside torch.compile graphs (the eager first call does it)."""
         if torch.compiler.is_compiling():
             return
+        requires_grad = input.requires_grad and torch.is_grad_enabled()
+        signature = (input.shape[1], input.dtype, requires_grad, id(group))
+        if getattr(self, "_agreed_signature", None) == signature:
+            return
         fields = {
             "channels": input.shape[1],
             "dtype": _DTYPE_CODES[input.dtype],
-            "input requires_grad": int(input.requires_grad and torch.is_grad_enabled()),
+            "input requires_grad": int(requires_grad),
             "group size": dist.get_world_size(group),
         }
-        signature = tuple(fields.values())
-        if getattr(self, "_agreed_signature", None) == signature:
-            return
         dtype_names = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
         verify_same_on_all_ranks(fields, group, input.device, labels={"dtype": dtype_names})
         self._agreed_signature = signature
