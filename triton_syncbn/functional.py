@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -88,8 +90,12 @@ def batch_norm_function(
     activation: str | None = None,
     negative_slope: float = 0.01,
     check_finite: bool = False,
+    before_collectives: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Validate everything, then run ``SyncBatchNormFunction``; a rejected call changes nothing.
+
+    ``before_collectives`` runs once the arguments are known to be valid, before any collective
+    (the module's cross-rank agreement check), so a rank never fails a local check after it.
 
     Returns ``act(batch_norm(input) + residual)`` (``residual`` optional).
 
@@ -117,6 +123,8 @@ def batch_norm_function(
         )
     if momentum is None and use_batch_stats and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if before_collectives is not None:
+        before_collectives()
     return SyncBatchNormFunction.apply(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
         use_batch_stats, group_name(group), code, float(negative_slope), check_finite,

@@ -102,7 +102,6 @@ class SyncBatchNorm(_BatchNorm):
 
         ``residual`` (optional) has the input's shape and dtype, any memory format.
         """
-        check_input(input, self.num_features)
         # torch's decision table (see torch.nn.modules.batchnorm._BatchNorm.forward): batch
         # statistics in training, and in eval when there are no running statistics; buffers are
         # updated only in training when tracked; synchronization only in training mode.
@@ -110,8 +109,6 @@ class SyncBatchNorm(_BatchNorm):
         tracks = not self.training or self.track_running_stats
         counts_batch = self.training and self.track_running_stats
         group = sync_group(self.process_group) if (use_batch_stats and self.training) else None
-        if group is not None:
-            self._verify_ranks_agree(input, group)
         return batch_norm_function(
             input,
             self.running_mean if tracks else None,
@@ -128,6 +125,7 @@ class SyncBatchNorm(_BatchNorm):
             activation=self.activation,
             negative_slope=self.negative_slope,
             check_finite=getattr(self, "check_finite", False),
+            before_collectives=None if group is None else lambda: self._verify_ranks_agree(input, group),
         )
 
     def _verify_ranks_agree(self, input: torch.Tensor, group: dist.ProcessGroup) -> None:
