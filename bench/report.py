@@ -59,52 +59,53 @@ def write_files(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     return [csv_path, json_path]
 
 
-def plot(rows: list[dict], meta: dict, out: Path) -> list[Path]:
-    """bandwidth.png: actual GB/s per case and provider, with the copy bandwidth line;
-    speedup.png: our speedup over each other provider per case."""
+def _grouped_bars(
+    labels: list[str],
+    series: dict[str, list[float]],
+    reference: tuple[float, str | None],
+    ylabel: str,
+    meta: dict,
+    path: Path,
+) -> Path:
+    """One bar per series per case label, a horizontal reference line; saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure, axis = plt.subplots(figsize=(max(8, 0.5 * len(labels) * max(len(series), 1)), 5))
+    width = 0.8 / max(len(series), 1)
+    for index, (name, values) in enumerate(series.items()):
+        axis.bar([i + index * width for i in range(len(labels))], values, width, label=name)
+    value, label = reference
+    axis.axhline(value, color="black", linestyle="--" if label else "-", linewidth=0.8, label=label)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+    axis.set_ylabel(ylabel)
+    axis.set_title(f"{meta['device_name']}, world size {meta['world_size']}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+    """bandwidth.png: actual GB/s per case and provider, with the copy bandwidth line;
+    speedup.png: our speedup over each other provider per case."""
     cases = sorted({case_key(row) for row in rows}, key=lambda key: [str(part) for part in key])
     providers = [
         p for p in ("triton_syncbn", "torch_sync", "torch_bn", "apex") if any(r["provider"] == p for r in rows)
     ]
     labels = ["/".join(str(part) for part in case) for case in cases]
     lookup = {(case_key(row), row["provider"]): row for row in rows}
-    paths = []
-
-    figure, axis = plt.subplots(figsize=(max(8, 0.5 * len(cases) * len(providers)), 5))
-    width = 0.8 / max(len(providers), 1)
-    for index, provider in enumerate(providers):
-        values = [lookup.get((case, provider), {}).get("actual_gbps", 0.0) for case in cases]
-        axis.bar([i + index * width for i in range(len(cases))], values, width, label=provider)
-    axis.axhline(meta["copy_gbps"], color="black", linestyle="--", label=f"copy {meta['copy_gbps']:.0f} GB/s")
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, rotation=60, ha="right", fontsize=7)
-    axis.set_ylabel("actual GB/s (bytes moved / time)")
-    axis.set_title(f"{meta['device_name']}, world size {meta['world_size']}")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(out / "bandwidth.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
-
-    others = [p for p in providers if p != "triton_syncbn"]
-    figure, axis = plt.subplots(figsize=(max(8, 0.5 * len(cases) * max(len(others), 1)), 5))
-    width = 0.8 / max(len(others), 1)
-    for index, provider in enumerate(others):
-        values = [
-            (lookup.get((case, "triton_syncbn"), {}).get("speedup_vs") or {}).get(provider, 0.0) for case in cases
-        ]
-        axis.bar([i + index * width for i in range(len(cases))], values, width, label=f"vs {provider}")
-    axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, rotation=60, ha="right", fontsize=7)
-    axis.set_ylabel("speedup of triton_syncbn (x)")
-    axis.set_title(f"{meta['device_name']}, world size {meta['world_size']}")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(out / "speedup.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
-    return paths
+    bandwidth = {p: [lookup.get((case, p), {}).get("actual_gbps", 0.0) for case in cases] for p in providers}
+    copy_line = (meta["copy_gbps"], f"copy {meta['copy_gbps']:.0f} GB/s")
+    speedups = {
+        f"vs {p}": [(lookup.get((case, "triton_syncbn"), {}).get("speedup_vs") or {}).get(p, 0.0) for case in cases]
+        for p in providers
+        if p != "triton_syncbn"
+    }
+    return [
+        _grouped_bars(labels, bandwidth, copy_line, "actual GB/s (bytes moved / time)", meta, out / "bandwidth.png"),
+        _grouped_bars(labels, speedups, (1.0, None), "speedup of triton_syncbn (x)", meta, out / "speedup.png"),
+    ]

@@ -38,6 +38,8 @@ def channels_last_configs() -> list[triton.Config]:
 
 
 CONFIGS = {"contiguous": contiguous_configs, "channels_last": channels_last_configs}
+# The narrowest BLOCK_M any config of a layout may run with (bounds the spatial vector width).
+MIN_BLOCK_M = {layout: min(config.kwargs["BLOCK_M"] for config in factory()) for layout, factory in CONFIGS.items()}
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:

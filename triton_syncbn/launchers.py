@@ -100,7 +100,7 @@ class Plan:
     def smallest_block_m(self) -> int:
         if not self.tuned:
             return self.tiling.block_m
-        return min(config.kwargs["BLOCK_M"] for config in autotune.CONFIGS[self.layout]())
+        return autotune.MIN_BLOCK_M[self.layout]
 
 
 def plan(view: torch.Tensor, tiling: Tiling | None) -> Plan:
