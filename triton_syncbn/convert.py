@@ -53,7 +53,7 @@ class FusedActivation(nn.Identity):
         self.__dict__["fused"] = activation
 
     def extra_repr(self) -> str:
-        return f"fused into the preceding SyncBatchNorm: {self.fused!r}"
+        return f"{self.fused!r} fused into the SyncBatchNorm"
 
 
 class SyncBatchNormAct(SyncBatchNorm):
