@@ -145,6 +145,7 @@ def test_subclass_with_its_own_forward_is_left_alone_with_a_warning_naming_it() 
     with pytest.warns(UnconvertedBatchNormWarning, match=expected) as record:
         converted = convert_sync_batchnorm(model)
     assert len(record) == 1 and "custom=" in str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller's line
     assert converted[1][1] is scaled and type(converted[1][0]) is SyncBatchNorm
     with pytest.warns(UnconvertedBatchNormWarning, match=re.escape(f"<root> ({full_name(ScaledBatchNorm2d)})")):
         assert convert_sync_batchnorm(scaled) is scaled
@@ -308,6 +309,10 @@ def test_timm_batchnormact_layers_and_timms_own_sync_conversion() -> None:
     timm_converted = timm_convert(copy.deepcopy(reference))
     assert type(timm_converted[0]).__name__ == "SyncBatchNormAct"
     assert_same_training(reference, convert_sync_batchnorm(timm_converted), steps=3)
+    # and back: torch's BatchNorm2d with timm's drop/act children, same keys and results
+    reverted = revert_sync_batchnorm(convert_sync_batchnorm(copy.deepcopy(reference), fuse_activation=True))
+    assert all(type(layer) is BatchNormAct2d for layer in list(reverted)[:7])
+    assert_same_training(reference, reverted, steps=3)
 
 
 # ---------------------------------------------------------------- revert

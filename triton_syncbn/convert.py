@@ -259,7 +259,11 @@ def convert_sync_batchnorm(
     ``state_dict`` keys stay the same. ``layer_class`` is the class plain layers become
     (``SyncBatchNorm`` or a subclass).
     """
-    return _convert(module, process_group, fuse_activation, dict(custom or {}), layer_class, "")
+    unconverted: list[str] = []
+    converted = _convert(module, process_group, fuse_activation, dict(custom or {}), layer_class, "", unconverted)
+    for message in unconverted:  # warned here so that the warning points at the caller's line
+        warnings.warn(message, UnconvertedBatchNormWarning, stacklevel=2)
+    return converted
 
 
 def _convert(
@@ -269,6 +273,7 @@ def _convert(
     custom: dict[type[nn.Module], Converter | None],
     layer_class: type[SyncBatchNorm],
     path: str,
+    unconverted: list[str],
 ) -> nn.Module:
     if type(module) in custom:
         converter = custom[type(module)]
@@ -282,17 +287,17 @@ def _convert(
             return converter(module, process_group)
         else:
             owner = _forward_owner(type(module))
-            warnings.warn(
+            unconverted.append(
                 f"convert_sync_batchnorm left {path or '<root>'} ({_qualified_name(type(module))}) unconverted: it "
                 f"subclasses _BatchNorm with its own forward ({_qualified_name(owner)}.forward), which a "
                 "SyncBatchNorm would not run. Pass custom={YourClass: converter} to convert it (e.g. "
-                "triton_syncbn.convert.convert_plain_batchnorm if its forward is plain BatchNorm).",
-                UnconvertedBatchNormWarning,
-                stacklevel=3,
+                "triton_syncbn.convert.convert_plain_batchnorm if its forward is plain BatchNorm)."
             )
     for name, child in module.named_children():
         child_path = f"{path}.{name}" if path else name
-        converted.add_module(name, _convert(child, process_group, fuse_activation, custom, layer_class, child_path))
+        converted.add_module(
+            name, _convert(child, process_group, fuse_activation, custom, layer_class, child_path, unconverted)
+        )
     if fuse_activation and isinstance(converted, nn.Sequential):
         _fuse_activations(converted)
     return converted
