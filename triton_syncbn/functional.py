@@ -10,7 +10,7 @@ import torch.distributed as dist
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
 from .distributed import group_name, sync_group
-from .function import SyncBatchNormFunction
+from .function import CompilableSyncBatchNormFunction, SyncBatchNormFunction
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,6 +60,15 @@ def check_input(input: torch.Tensor, num_features: int | None = None) -> None:
         raise TypeError(f"expected a floating-point input (float16, bfloat16, float32, float64), got {input.dtype}")
 
 
+def check_eps(eps: float, use_batch_stats: bool) -> None:
+    """torch's rule, with its messages: ``eps > 0`` with batch statistics, ``eps >= 0`` otherwise
+    (``eps <= 0`` would divide by a zero variance: NaN, not an error, without this check)."""
+    if use_batch_stats and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def check_per_channel(name: str, tensor: torch.Tensor | None, input: torch.Tensor) -> None:
     """Check that a weight/bias/running-statistic tensor fits ``input`` ``(N, C, *)``."""
     if tensor is None:
@@ -92,7 +101,7 @@ def batch_norm_function(
     check_finite: bool = False,
     before_collectives: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Validate everything, then run ``SyncBatchNormFunction``; a rejected call changes nothing.
+    """Validate everything, then run the autograd Function; a rejected call changes nothing.
 
     ``before_collectives`` runs once the arguments are known to be valid, before any collective
     (the module's cross-rank agreement check), so a rank never fails a local check after it.
@@ -121,14 +130,17 @@ def batch_norm_function(
         raise ValueError(
             f"expected num_batches_tracked on the input's device {input.device}, got {num_batches_tracked.device}"
         )
+    check_eps(eps, use_batch_stats)
     if momentum is None and use_batch_stats and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if before_collectives is not None:
         before_collectives()
-    return SyncBatchNormFunction.apply(
+    function = CompilableSyncBatchNormFunction if torch.compiler.is_compiling() else SyncBatchNormFunction
+    output, _, _, _ = function.apply(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
         use_batch_stats, group_name(group), code, float(negative_slope), check_finite,
     )  # fmt: skip
+    return output
 
 
 def sync_batch_norm(
