@@ -62,3 +62,44 @@ def test_custom_ops_pass_opcheck(case: str) -> None:
     needs = [True, residual is not None and forward_args[12] != 0, weight is not None, bias is not None]
     backward_args = (torch.randn_like(output), x, residual, weight, bias, mean, invstd, count, "")
     torch.library.opcheck(ops.backward_op, backward_args + (forward_args[12], forward_args[13], needs))
+
+
+class _NormBlock(torch.nn.Module):
+    """Two BatchNorms around a ReLU and a skip: no convolution, whose CPU backward inductor
+    specializes to static spatial sizes by itself (plain torch layers recompile there too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.act, self.bn2 = torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.act(self.bn1(x)) * 2.0 + x)
+
+
+def test_dynamic_batch_and_spatial_sizes_compile_once() -> None:
+    """mark_dynamic on N, H and W: one graph serves every shape, results equal eager's."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from triton_syncbn import convert_sync_batchnorm
+
+    model = convert_sync_batchnorm(_NormBlock(), fuse_activation=True)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    for batch, height, width in [(4, 8, 8), (6, 10, 12), (3, 7, 9), (5, 16, 6), (2, 3, 3)]:
+        x = torch.randn(batch, 3, height, width)
+        for dim in (0, 2, 3):
+            torch._dynamo.mark_dynamic(x, dim)
+        x_eager = x.clone().requires_grad_()
+        x.requires_grad_()
+        compiled(x).square().sum().backward()
+        eager(x_eager).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for (name, value), (_, value_eager) in zip(model.state_dict().items(), eager.state_dict().items(), strict=True):
+        torch.testing.assert_close(value, value_eager, rtol=1e-6, atol=1e-6, msg=name)
+    for param, param_eager in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, param_eager.grad, rtol=1e-5, atol=1e-5)
