@@ -20,10 +20,10 @@ Statistics are computed in float64 (the precision of the fused path's wire forma
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
+from .contract import BackwardCall, Epilogue, SavedStatistics
 from .distributed import all_reduce_sum, group_from_name
 
 
@@ -35,17 +35,6 @@ def _channel_dims(input: torch.Tensor) -> list[int]:
 def _per_channel(vector: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """``[C]`` -> ``[1, C, 1, ...]`` broadcasting over ``input`` ``(N, C, *)``."""
     return vector.view(1, -1, *([1] * (input.dim() - 2)))
-
-
-def activation(z: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor:
-    """``act(z)`` for a code of ``ACTIVATION_CODES``, differentiable to any order."""
-    if code == ACTIVATION_CODES["relu"]:
-        return F.relu(z)
-    if code == ACTIVATION_CODES["leaky_relu"]:
-        return F.leaky_relu(z, negative_slope)
-    if code == ACTIVATION_CODES["silu"]:
-        return F.silu(z)
-    return z
 
 
 def activation_derivative(z: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor | None:
@@ -81,38 +70,30 @@ def batch_statistics(input: torch.Tensor, group_name: str) -> tuple[torch.Tensor
 
 
 def backward(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    saved_statistics: tuple[torch.Tensor, torch.Tensor],
-    batch_stats: bool,
-    eps: float,
-    group_name: str,
-    activation_code: int,
-    negative_slope: float,
-    needs: list[bool],
+    call: BackwardCall, eps: float
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(input, residual, weight, bias)`` (where ``needs`` asks) in differentiable ops.
+    """Gradients ``(input, residual, weight, bias)`` (where ``call.needs`` asks) in differentiable ops.
 
     The same formulas as the fused backward (``kernels/backward.py``), written so that autograd
     and vmap can see through them: with batch statistics, mean and invstd are recomputed from
-    ``input`` (``batch_statistics``), so a gradient of these gradients includes the dependence
-    of the statistics on every rank's input. ``saved_statistics`` ``(mean, invstd)`` ``[C]`` are
-    the forward's, used as constants with running statistics (``batch_stats`` False). The
-    residual's gradient is returned only for a fused activation (otherwise it is
-    ``grad_output``). Collectives: one to recompute the statistics and, when the input needs a
-    gradient, one for the two global gradient sums, each differentiable again.
+    the input (``batch_statistics``, with the forward's ``eps``), so a gradient of these
+    gradients includes the dependence of the statistics on every rank's input. With running
+    statistics the saved mean and invstd are constants. As in ``stages.backward``, the
+    residual's gradient is returned only for a fused activation. Collectives: one to recompute
+    the statistics and, when the input needs a gradient, one for the two global gradient sums,
+    each differentiable again.
     """
-    need_input, need_residual, need_weight, need_bias = needs
-    acc = saved_statistics[0].dtype
-    if batch_stats:
+    input, weight, bias, residual = call.input, call.weight, call.bias, call.epilogue.residual
+    grad_output, group_name, saved = call.grad_output, call.group_name, call.saved
+    activation_code, negative_slope = call.epilogue.activation, call.epilogue.negative_slope
+    need_input, need_residual, need_weight, need_bias = call.needs.as_list()
+    acc = saved.mean.dtype
+    if saved.batch_stats:
         mean, var, count = batch_statistics(input, group_name)
         invstd = torch.rsqrt(var + eps).to(acc)
         mean = mean.to(acc)
     else:
-        mean, invstd = saved_statistics
+        mean, invstd = saved.mean, saved.invstd
     xhat = (input.to(acc) - _per_channel(mean, input)) * _per_channel(invstd, input)
     grad = grad_output.to(acc)
     if activation_code != ACTIVATION_CODES["identity"]:
@@ -129,7 +110,7 @@ def backward(
     if need_input:
         scale = invstd if weight is None else invstd * weight.to(acc)
         grad_xhat = grad
-        if batch_stats:
+        if saved.batch_stats:
             sums = torch.stack([sum_grad, sum_grad_xhat]).to(torch.float64)
             group = group_from_name(group_name)
             if group is not None:
@@ -147,23 +128,19 @@ def backward(
 
 def batch_norm_jvp(
     input: torch.Tensor,
-    residual: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    count: torch.Tensor,
-    tangents: dict[str, torch.Tensor | None],
+    epilogue: Epilogue,
+    saved: SavedStatistics,
     group_name: str,
-    activation_code: int,
-    negative_slope: float,
+    tangents: dict[str, torch.Tensor | None],
 ) -> torch.Tensor:
     """The forward-mode derivative of the output, ``(N, C, *)`` in ``input``'s dtype.
 
-    ``mean``, ``invstd`` ``[C]`` and ``count`` (float64 ``[C]`` global count; empty when the
-    forward used running statistics) are those the forward used. ``tangents`` maps ``input``,
-    ``residual``, ``weight``, ``bias``, ``running_mean``, ``running_var`` to their tangents (or
-    None). With batch statistics, with ``xhat = (x - mean) * invstd`` and global sums:
+    ``saved`` holds the statistics the forward used; ``epilogue.residual`` is needed only for a
+    fused activation. ``tangents`` maps the names of ``contract.FORWARD_FIELDS`` (``input``,
+    ``residual``, ``weight``, ``bias``, ``running_mean``, ``running_var``, ...) to their tangents
+    (or None). With batch statistics, with ``xhat = (x - mean) * invstd`` and global sums:
 
         d xhat = invstd * (dx - sum(dx) / n - xhat * sum(dx * xhat) / n)
 
@@ -171,12 +148,14 @@ def batch_norm_jvp(
     ``d xhat = (dx - d running_mean) * invstd - xhat * invstd**2 * d running_var / 2``. Then
     ``dz = weight * d xhat + xhat * d weight + d bias + d residual`` and ``dy = act'(z) * dz``.
     """
+    mean, invstd, count = saved.mean, saved.invstd, saved.count
+    residual, activation_code, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     acc = mean.dtype
     x = input.to(acc)
     xhat = (x - _per_channel(mean, input)) * _per_channel(invstd, input)
     dx = tangents.get("input")
     dxhat: torch.Tensor | None = None
-    if count.numel() > 0:
+    if saved.batch_stats:
         if dx is not None:
             dx = dx.to(acc)
             dims = _channel_dims(input)
