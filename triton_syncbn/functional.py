@@ -9,8 +9,9 @@ import torch.distributed as dist
 
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
+from .contract import Epilogue, ForwardCall, RunningStats
 from .distributed import group_name, sync_group
-from .function import SyncBatchNormFunction
+from .function import CompilableSyncBatchNormFunction, SyncBatchNormFunction
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,6 +61,15 @@ def check_input(input: torch.Tensor, num_features: int | None = None) -> None:
         raise TypeError(f"expected a floating-point input (float16, bfloat16, float32, float64), got {input.dtype}")
 
 
+def check_eps(eps: float, use_batch_stats: bool) -> None:
+    """torch's rule, with its messages: ``eps > 0`` with batch statistics, ``eps >= 0`` otherwise
+    (``eps <= 0`` would divide by a zero variance: NaN, not an error, without this check)."""
+    if use_batch_stats and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def check_per_channel(name: str, tensor: torch.Tensor | None, input: torch.Tensor) -> None:
     """Check that a weight/bias/running-statistic tensor fits ``input`` ``(N, C, *)``."""
     if tensor is None:
@@ -73,62 +83,67 @@ def check_per_channel(name: str, tensor: torch.Tensor | None, input: torch.Tenso
         raise TypeError(f"expected {name} of dtype {input.dtype} (the input's) or torch.float32, got {tensor.dtype}")
 
 
-def batch_norm_function(
-    input: torch.Tensor,
+def running_stats(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+) -> RunningStats | None:
+    """The running statistics as one object (None when not tracked); both or neither tensor."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+    return None if running_mean is None else RunningStats(running_mean, running_var, num_batches_tracked, momentum)
+
+
+def epilogue(residual: torch.Tensor | None, activation: str | None, negative_slope: float) -> Epilogue:
+    """The fused epilogue ``act(bn(x) + residual)``; ``ValueError`` for an unknown activation name."""
+    return Epilogue(residual, activation_code(activation), float(negative_slope))
+
+
+def batch_norm_function(
+    input: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    running: RunningStats | None,
+    fused: Epilogue,
     *,
     use_batch_stats: bool,
-    momentum: float | None,
     eps: float,
     group: dist.ProcessGroup | None,
-    num_batches_tracked: torch.Tensor | None = None,
     num_features: int | None = None,
-    residual: torch.Tensor | None = None,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
     check_finite: bool = False,
     before_collectives: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Validate everything, then run ``SyncBatchNormFunction``; a rejected call changes nothing.
+    """Validate everything, then run the autograd Function; a rejected call changes nothing.
 
-    ``before_collectives`` runs once the arguments are known to be valid, before any collective
-    (the module's cross-rank agreement check), so a rank never fails a local check after it.
-
-    Returns ``act(batch_norm(input) + residual)`` (``residual`` optional).
-
-    ``group`` is the resolved group to synchronize over (None: local statistics).
-    ``num_batches_tracked`` (int64 scalar), when given, is incremented once the call is known
-    to succeed; with ``momentum=None`` the running statistics then take ``1 / num_batches_tracked``.
+    Returns ``act(batch_norm(input) + residual)`` for the epilogue ``fused`` (``input``
+    ``(N, C, *)``; ``weight``, ``bias`` ``[C]`` or None). ``group`` is the resolved group to
+    synchronize over (None: local statistics). ``running`` (None: not tracked) is read in eval
+    and updated in training by its rule (``contract.RunningStats``). ``before_collectives``
+    runs once the arguments are known to be valid, before any collective (the module's
+    cross-rank agreement check), so a rank never fails a local check after it.
     """
     check_input(input, num_features)
-    code = activation_code(activation)
-    check_residual(residual, input)
-    for name, tensor in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
+    check_residual(fused.residual, input)
+    per_channel = {"weight": weight, "bias": bias}
+    if running is not None:
+        per_channel.update(running_mean=running.mean, running_var=running.var)
+    for name, tensor in per_channel.items():
         check_per_channel(name, tensor, input)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
-    if not use_batch_stats and running_mean is None:
+    if not use_batch_stats and running is None:
         raise ValueError("running_mean and running_var must be given when not training (they normalize the input)")
-    if num_batches_tracked is not None and num_batches_tracked.device != input.device:
-        raise ValueError(
-            f"expected num_batches_tracked on the input's device {input.device}, got {num_batches_tracked.device}"
-        )
-    if momentum is None and use_batch_stats and running_mean is not None and num_batches_tracked is None:
+    counter = None if running is None else running.num_batches_tracked
+    if counter is not None and counter.device != input.device:
+        raise ValueError(f"expected num_batches_tracked on the input's device {input.device}, got {counter.device}")
+    check_eps(eps, use_batch_stats)
+    if use_batch_stats and running is not None and running.cumulative and counter is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if before_collectives is not None:
         before_collectives()
-    return SyncBatchNormFunction.apply(
-        input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-        use_batch_stats, group_name(group), code, float(negative_slope), check_finite,
-    )  # fmt: skip
+    call = ForwardCall(input, weight, bias, running, fused, eps, use_batch_stats, group_name(group), check_finite)
+    function = CompilableSyncBatchNormFunction if torch.compiler.is_compiling() else SyncBatchNormFunction
+    output, _, _, _ = function.apply(*call.flat())
+    return output
 
 
 def sync_batch_norm(
@@ -163,7 +178,7 @@ def sync_batch_norm(
     """
     group = sync_group(process_group) if training else None
     return batch_norm_function(
-        input, running_mean, running_var, weight, bias,
-        use_batch_stats=training, momentum=momentum, eps=eps, group=group,
-        residual=residual, activation=activation, negative_slope=negative_slope, check_finite=check_finite,
+        input, weight, bias, running_stats(running_mean, running_var, None, momentum),
+        epilogue(residual, activation, negative_slope),
+        use_batch_stats=training, eps=eps, group=group, check_finite=check_finite,
     )  # fmt: skip

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import sync_group, verify_same_on_all_ranks
-from .functional import activation_code, batch_norm_function, check_input
+from .functional import activation_code, batch_norm_function, check_input, epilogue, running_stats
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -105,21 +105,20 @@ class SyncBatchNorm(_BatchNorm):
         tracks = not self.training or self.track_running_stats
         counts_batch = self.training and self.track_running_stats
         group = sync_group(self.process_group) if (use_batch_stats and self.training) else None
+        running = None
+        if tracks:
+            counter = self.num_batches_tracked if counts_batch else None
+            running = running_stats(self.running_mean, self.running_var, counter, self.momentum)
         output = batch_norm_function(
             input,
-            self.running_mean if tracks else None,
-            self.running_var if tracks else None,
             self.weight,
             self.bias,
+            running,
+            epilogue(residual, self.activation, self.negative_slope),
             use_batch_stats=use_batch_stats,
-            momentum=self.momentum,
             eps=self.eps,
             group=group,
-            num_batches_tracked=self.num_batches_tracked if counts_batch else None,
             num_features=self.num_features,
-            residual=residual,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
             check_finite=getattr(self, "check_finite", False),
             before_collectives=None if group is None else lambda: self._verify_ranks_agree(input, group),
         )

@@ -7,6 +7,10 @@ compiles with ``fullgraph=True`` and no graph break. The all-reduce stays *insid
 where and as it does in eager mode, over the process group named by ``group_name``, and the
 graph holds no ProcessGroup object. Running statistics and ``num_batches_tracked`` are declared
 as mutated arguments, so functionalization orders their updates correctly.
+
+The ops' flat arguments are ``contract.FORWARD_FIELDS`` / ``BACKWARD_FIELDS``, parsed by name
+into ``contract.ForwardCall`` / ``BackwardCall``; the signatures below spell them out because
+``torch.library`` reads its schema from them (a test checks that they agree).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import stages
+from .contract import BACKWARD_FIELDS, FORWARD_FIELDS, BackwardCall, ForwardCall
 
 
 @torch.library.custom_op("triton_syncbn::forward", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
@@ -26,8 +31,7 @@ def forward_op(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     num_batches_tracked: Tensor | None,
-    momentum: float,
-    cumulative: bool,
+    momentum: float | None,
     eps: float,
     use_batch_stats: bool,
     group_name: str,
@@ -36,16 +40,12 @@ def forward_op(
     check_finite: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``stages.forward`` as an op: ``(output, mean, invstd, count)``."""
-    return stages.forward(
-        input, residual, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps,
-        use_batch_stats, group_name, activation, negative_slope, check_finite,
-    )  # fmt: skip
+    return stages.forward(ForwardCall.from_flat(*_in_order(locals(), FORWARD_FIELDS)))
 
 
 @forward_op.register_fake
-def _forward_fake(input: Tensor, *args: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    use_batch_stats = args[9]
-    return stages.forward_meta(input, bool(use_batch_stats))
+def _forward_fake(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return stages.forward_meta(ForwardCall.from_flat(*args))
 
 
 @torch.library.custom_op("triton_syncbn::backward", mutates_args=())
@@ -64,24 +64,20 @@ def backward_op(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``stages.backward`` as an op; gradients that ``needs`` does not ask for come back empty."""
-    grads = stages.backward(
-        grad_output, input, residual, weight, bias, mean, invstd, count, group_name, activation, negative_slope, needs
-    )
+    grads = stages.backward(BackwardCall.from_flat(*_in_order(locals(), BACKWARD_FIELDS)))
     return tuple(grad if grad is not None else input.new_empty(0) for grad in grads)
 
 
 @backward_op.register_fake
-def _backward_fake(
-    grad_output: Tensor,
-    input: Tensor,
-    residual: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *args: object,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    needs = args[-1]
-    like = (input, residual, weight, bias)
+def _backward_fake(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    call = BackwardCall.from_flat(*args)
+    like = (call.input, call.epilogue.residual, call.weight, call.bias)
     return tuple(
-        torch.empty_like(tensor) if need and tensor is not None else input.new_empty(0)
-        for need, tensor in zip(needs, like, strict=True)
+        torch.empty_like(tensor) if need and tensor is not None else call.input.new_empty(0)
+        for need, tensor in zip(call.needs.as_list(), like, strict=True)
     )
+
+
+def _in_order(values: dict[str, object], names: tuple[str, ...]) -> list[object]:
+    """An op's arguments, by name, in the contract's order."""
+    return [values[name] for name in names]

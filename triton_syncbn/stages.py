@@ -11,54 +11,35 @@ from __future__ import annotations
 import torch
 
 from .backend import kernel_backend
+from .contract import BackwardCall, Epilogue, ForwardCall
 from .distributed import all_reduce_sum_, group_from_name
 from .layout import accumulation_dtype, channel_view, empty_output_like
 
 
-def forward(
-    input: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    momentum: float,
-    cumulative: bool,
-    eps: float,
-    use_batch_stats: bool,
-    group_name: str,
-    activation: int,
-    negative_slope: float,
-    check_finite: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``input`` ``(N, C, *)`` -> ``(output, mean, invstd, count)``.
+def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``call.input`` ``(N, C, *)`` -> ``(output, mean, invstd, count)``.
 
     ``output`` has the input's shape, dtype and memory format; ``mean``, ``invstd`` ``[C]`` are
     the statistics used (accumulation dtype); ``count`` is the float64 ``[C]`` global element
-    count with batch statistics, else empty. With batch statistics, running statistics (when
-    given) are updated in place and ``num_batches_tracked`` (when given) is incremented;
-    ``cumulative`` takes ``1 / num_batches_tracked`` as the momentum. ``group_name`` names the
-    process group to all-reduce over ("" for none). ``check_finite`` raises
-    ``FloatingPointError`` naming the channels whose global statistics are not finite (a host
-    sync; off by default), before anything is written.
+    count with batch statistics, else empty. With batch statistics the running statistics (when
+    given) are updated in place by their rule (``contract.RunningStats``). ``check_finite``
+    raises ``FloatingPointError`` naming the channels whose global statistics are not finite (a
+    host sync; off by default), before anything is written.
     """
+    input, running = call.input, call.running
     ops = kernel_backend(input)
     x = channel_view(input)
     output, output_view = empty_output_like(input)
-    epilogue = {
-        "residual": None if residual is None else channel_view(residual),
-        "activation": activation,
-        "negative_slope": negative_slope,
-    }
-    if not use_batch_stats:
+    epilogue = _epilogue_views(call.epilogue)
+    running_mean, running_var = (None, None) if running is None else (running.mean, running.var)
+    if not call.use_batch_stats:
         mean, invstd = ops.normalize(
-            x, output_view, weight, bias, None, running_mean, running_var, None, 0.0, eps, **epilogue
+            x, output_view, call.weight, call.bias, None, running_mean, running_var, None, 0.0, call.eps, **epilogue
         )
         return output, mean, invstd, torch.empty(0, dtype=torch.float64, device=input.device)
     stats = ops.partial_stats(x)
-    local_stats = stats.clone() if check_finite else None
-    group = group_from_name(group_name)
+    local_stats = stats.clone() if call.check_finite else None
+    group = group_from_name(call.group_name)
     if group is not None:
         all_reduce_sum_(stats, group)
     if local_stats is not None:
@@ -68,13 +49,27 @@ def forward(
             "Expected more than 1 value per channel when training, got 1 value per channel "
             f"in the global batch (local input shape {tuple(input.shape)})"
         )
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    counter, momentum = None, 0.0
+    if running is not None:
+        if running.num_batches_tracked is not None:
+            running.num_batches_tracked.add_(1)
+        counter = running.num_batches_tracked if running.cumulative else None
+        momentum = 0.0 if running.cumulative else running.momentum
     mean, invstd = ops.normalize(
-        x, output_view, weight, bias, stats, running_mean, running_var,
-        num_batches_tracked if cumulative else None, momentum, eps, **epilogue,
+        x, output_view, call.weight, call.bias, stats, running_mean, running_var, counter, momentum, call.eps,
+        **epilogue,
     )  # fmt: skip
     return output, mean, invstd, stats[0]
+
+
+def _epilogue_views(epilogue: Epilogue) -> dict[str, object]:
+    """The backends' epilogue keywords, the residual viewed as ``[N, C, S]``."""
+    residual = epilogue.residual
+    return {
+        "residual": None if residual is None else channel_view(residual),
+        "activation": epilogue.activation,
+        "negative_slope": epilogue.negative_slope,
+    }
 
 
 def _raise_if_not_finite(stats: torch.Tensor, local_stats: torch.Tensor, shape: torch.Size) -> None:
@@ -104,64 +99,49 @@ def _global_batch_has_one_value(x: torch.Tensor, stats: torch.Tensor, synchroniz
     return int(stats[0, 0].item()) == 1
 
 
-def backward(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    count: torch.Tensor,
-    group_name: str,
-    activation: int,
-    negative_slope: float,
-    needs: list[bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(input, residual, weight, bias)`` where ``needs`` (same order) asks for them.
+def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(input, residual, weight, bias)`` where ``call.needs`` asks for them.
 
-    ``count`` (empty when the forward used running statistics) and the rest as saved by
-    ``forward``. With ``activation`` 0 the residual's gradient is ``grad_output`` itself and is
-    left to the caller (``needs[1]`` must be False then).
+    With no fused activation the residual's gradient is ``grad_output`` itself and is left to
+    the caller (``call.needs.residual`` must be False then).
     """
-    need_input, need_residual, need_weight, need_bias = needs
-    use_batch_stats = count.numel() > 0
-    ops = kernel_backend(input)
-    x = channel_view(input)
-    grad_out = channel_view(grad_output)
-    residual_view = None if residual is None else channel_view(residual)
-    epilogue = {"activation": activation, "negative_slope": negative_slope}
+    needs, saved, epilogue = call.needs, call.saved, call.epilogue
+    weight, bias = call.weight, call.bias
+    ops = kernel_backend(call.input)
+    x = channel_view(call.input)
+    grad_out = channel_view(call.grad_output)
+    views = _epilogue_views(epilogue)
+    residual_view = views.pop("residual")
     grad_input = grad_residual = grad_weight = grad_bias = sums = None
-    if need_weight or need_bias or (need_input and use_batch_stats):
+    if needs.weight or needs.bias or (needs.input and saved.batch_stats):
         sums, grad_weight, grad_bias = ops.backward_reduce(
-            grad_out, x, mean, invstd,
-            weight.dtype if need_weight else None, bias.dtype if need_bias else None,
-            weight=weight, bias=bias, residual=residual_view, **epilogue,
+            grad_out, x, saved.mean, saved.invstd,
+            weight.dtype if needs.weight else None, bias.dtype if needs.bias else None,
+            weight=weight, bias=bias, residual=residual_view, **views,
         )  # fmt: skip
-    group = group_from_name(group_name)
-    if need_input and use_batch_stats and group is not None:
+    group = group_from_name(call.group_name)
+    if needs.input and saved.batch_stats and group is not None:
         all_reduce_sum_(sums, group)
     grad_residual_view = None
-    if need_residual:
-        grad_residual, grad_residual_view = empty_output_like(residual)
+    if needs.residual:
+        grad_residual, grad_residual_view = empty_output_like(epilogue.residual)
         if grad_residual_view.stride() != residual_view.stride():  # a broadcast/strided residual
             residual_view = residual_view.contiguous()
-    if need_input or need_residual:
+    if needs.input or needs.residual:
         grad_input_view = None
-        if need_input:
-            grad_input, grad_input_view = empty_output_like(input)
+        if needs.input:
+            grad_input, grad_input_view = empty_output_like(call.input)
         ops.backward_dx(
-            grad_out, x, grad_input_view, mean, invstd, weight,
-            sums if use_batch_stats and need_input else None, count if use_batch_stats else None,
-            bias=bias, residual=residual_view, grad_residual=grad_residual_view, **epilogue,
+            grad_out, x, grad_input_view, saved.mean, saved.invstd, weight,
+            sums if saved.batch_stats and needs.input else None, saved.count if saved.batch_stats else None,
+            bias=bias, residual=residual_view, grad_residual=grad_residual_view, **views,
         )  # fmt: skip
     return grad_input, grad_residual, grad_weight, grad_bias
 
 
-def forward_meta(
-    input: torch.Tensor, use_batch_stats: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_meta(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shapes, dtypes and layouts of ``forward``'s outputs, for fake/meta tensors."""
+    input, use_batch_stats = call.input, call.use_batch_stats
     channels = input.shape[1]
     acc_dtype = accumulation_dtype(input.dtype)
     output, _ = empty_output_like(input)

@@ -1,0 +1,200 @@
+"""What travels together between the layers, stated once.
+
+``Epilogue`` (the fused residual add and activation) and ``RunningStats`` (the buffers and their
+update rule) are what every layer below the module passes on; ``ForwardCall`` and
+``BackwardCall`` are one call's worth of each direction. Flat argument lists exist only where
+``torch.autograd.Function.apply`` and ``torch.library`` need them: ``FORWARD_FIELDS`` /
+``BACKWARD_FIELDS`` name their positions, and ``flat()`` / ``from_flat()`` build and parse
+them by name, so adding an option means adding one field here and one name there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from triton_syncbn.kernels.activation import ACTIVATION_CODES
+
+IDENTITY = ACTIVATION_CODES["identity"]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows the normalization: ``act(bn(x) + residual)``.
+
+    ``residual`` has the input's shape (any memory format) or is None; ``activation`` is a code
+    of ``kernels.activation.ACTIVATION_CODES``; ``negative_slope`` is leaky_relu's slope.
+    """
+
+    residual: torch.Tensor | None = None
+    activation: int = IDENTITY
+    negative_slope: float = 0.0
+
+    @property
+    def fused_activation(self) -> bool:
+        """Whether an activation follows (backward then needs its input, recomputed)."""
+        return self.activation != IDENTITY
+
+
+@dataclass(frozen=True)
+class RunningStats:
+    """Running statistics ``[C]`` and their update rule.
+
+    Eval reads ``mean``/``var``. A training call updates them in place as
+    ``stat += factor * (batch_stat - stat)`` (``var`` takes the unbiased batch variance) with
+    ``factor = momentum``, or ``1 / num_batches_tracked`` (after its increment) when
+    ``momentum`` is None, the cumulative average (training then needs ``num_batches_tracked``,
+    checked by ``functional``); ``num_batches_tracked`` (an int64 scalar tensor), when given, is
+    incremented by every training call.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    num_batches_tracked: torch.Tensor | None = None
+    momentum: float | None = 0.1
+
+    @property
+    def cumulative(self) -> bool:
+        return self.momentum is None
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """One forward: ``input`` ``(N, C, *)``, ``weight``/``bias`` ``[C]`` or None, the running
+    statistics (None: not tracked), the epilogue, and how to normalize: with the batch
+    statistics of the group named ``group_name`` ("" for none) or the running ones."""
+
+    input: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running: RunningStats | None
+    epilogue: Epilogue
+    eps: float
+    use_batch_stats: bool
+    group_name: str
+    check_finite: bool = False
+
+    def flat(self) -> tuple[object, ...]:
+        """The positional arguments named by ``FORWARD_FIELDS``."""
+        running = self.running
+        values = {
+            "input": self.input,
+            "residual": self.epilogue.residual,
+            "weight": self.weight,
+            "bias": self.bias,
+            "running_mean": None if running is None else running.mean,
+            "running_var": None if running is None else running.var,
+            "num_batches_tracked": None if running is None else running.num_batches_tracked,
+            "momentum": None if running is None else running.momentum,
+            "eps": self.eps,
+            "use_batch_stats": self.use_batch_stats,
+            "group_name": self.group_name,
+            "activation": self.epilogue.activation,
+            "negative_slope": self.epilogue.negative_slope,
+            "check_finite": self.check_finite,
+        }
+        return tuple(values[name] for name in FORWARD_FIELDS)
+
+    @classmethod
+    def from_flat(cls, *args: object) -> ForwardCall:
+        """Parse ``flat()``'s arguments back, by name."""
+        named = dict(zip(FORWARD_FIELDS, args, strict=True))
+        running = None
+        if named["running_mean"] is not None:
+            running = RunningStats(
+                named["running_mean"], named["running_var"], named["num_batches_tracked"], named["momentum"]
+            )
+        epilogue = Epilogue(named["residual"], named["activation"], named["negative_slope"])
+        return cls(
+            named["input"], named["weight"], named["bias"], running, epilogue, named["eps"],
+            named["use_batch_stats"], named["group_name"], named["check_finite"],
+        )  # fmt: skip
+
+
+FORWARD_FIELDS = (
+    "input", "residual", "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "momentum", "eps",
+    "use_batch_stats", "group_name", "activation", "negative_slope", "check_finite",
+)  # fmt: skip
+# The forward arguments that have gradients, in FORWARD_FIELDS order (they come first).
+DIFFERENTIABLE_FIELDS = ("input", "residual", "weight", "bias")
+
+
+@dataclass(frozen=True)
+class SavedStatistics:
+    """What the forward hands to backward besides its inputs: ``mean``, ``invstd`` ``[C]`` (the
+    accumulation dtype) as used, and ``count``, the float64 ``[C]`` global element count with
+    batch statistics, empty when the running statistics normalized."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def batch_stats(self) -> bool:
+        return self.count.numel() > 0
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """Which gradients a backward computes, in ``DIFFERENTIABLE_FIELDS`` order."""
+
+    input: bool
+    residual: bool
+    weight: bool
+    bias: bool
+
+    def as_list(self) -> list[bool]:
+        return [self.input, self.residual, self.weight, self.bias]
+
+
+@dataclass(frozen=True)
+class BackwardCall:
+    """One backward: ``grad_output`` and ``input`` ``(N, C, *)``, the forward's ``weight`` and
+    ``bias``, its epilogue (the residual only when an activation is fused), its statistics, the
+    group, and which gradients are needed. With no fused activation the residual's gradient is
+    ``grad_output`` itself, left to the caller (``needs.residual`` must be False)."""
+
+    grad_output: torch.Tensor
+    input: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    saved: SavedStatistics
+    epilogue: Epilogue
+    group_name: str
+    needs: Gradients
+
+    def flat(self) -> tuple[object, ...]:
+        """The positional arguments named by ``BACKWARD_FIELDS``."""
+        values = {
+            "grad_output": self.grad_output,
+            "input": self.input,
+            "residual": self.epilogue.residual,
+            "weight": self.weight,
+            "bias": self.bias,
+            "mean": self.saved.mean,
+            "invstd": self.saved.invstd,
+            "count": self.saved.count,
+            "group_name": self.group_name,
+            "activation": self.epilogue.activation,
+            "negative_slope": self.epilogue.negative_slope,
+            "needs": self.needs.as_list(),
+        }
+        return tuple(values[name] for name in BACKWARD_FIELDS)
+
+    @classmethod
+    def from_flat(cls, *args: object) -> BackwardCall:
+        """Parse ``flat()``'s arguments back, by name."""
+        named = dict(zip(BACKWARD_FIELDS, args, strict=True))
+        return cls(
+            named["grad_output"], named["input"], named["weight"], named["bias"],
+            SavedStatistics(named["mean"], named["invstd"], named["count"]),
+            Epilogue(named["residual"], named["activation"], named["negative_slope"]), named["group_name"],
+            Gradients(*named["needs"]),
+        )  # fmt: skip
+
+
+BACKWARD_FIELDS = (
+    "grad_output", "input", "residual", "weight", "bias", "mean", "invstd", "count", "group_name", "activation",
+    "negative_slope", "needs",
+)  # fmt: skip
