@@ -315,6 +315,23 @@ def test_timm_batchnormact_layers_and_timms_own_sync_conversion() -> None:
     assert_same_training(reference, reverted, steps=3)
 
 
+def test_converted_timm_style_model_compiles_without_graph_breaks() -> None:
+    """SyncBatchNormAct, FusedActivation slots and kept activation modules trace in one graph
+    (fullgraph=True) and train as in eager mode; the input dims revert uses are not recorded
+    under compile (revert then relies on the class the layer was converted from)."""
+    model = convert_sync_batchnorm(timm_style_model(), fuse_activation=True, custom=CUSTOM)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = model_batch(4, 0)
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward(), expected.sum().backward()
+    for (name, param), param_eager in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, param_eager.grad, msg=name)
+    assert "_seen_dims" not in model[1].__dict__ and "_seen_dims" in eager[1].__dict__
+    assert type(revert_sync_batchnorm(model)[1]) is BatchNormAct2d
+
+
 # ---------------------------------------------------------------- revert
 
 
