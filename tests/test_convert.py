@@ -386,6 +386,17 @@ def test_revert_shares_state_and_keeps_training_flag() -> None:
     assert_same_training(plain_model(), again, steps=2)
 
 
+def test_revert_restores_a_fused_activation_only_where_the_layer_still_applies_it() -> None:
+    converted = convert_sync_batchnorm(plain_model(), fuse_activation=True)
+    converted[4].activation = None  # changed by hand: the model no longer applies this LeakyReLU
+    x = model_batch(3, 0)
+    converted.eval()
+    expected = converted(x)
+    reverted = revert_sync_batchnorm(converted)
+    assert type(reverted[2]) is nn.ReLU and type(reverted[5]) is nn.Identity
+    torch.testing.assert_close(reverted(x), expected)
+
+
 def test_revert_picks_the_class_from_the_input_dims_seen_or_the_default() -> None:
     layers = nn.ModuleList([SyncBatchNorm(4) for _ in range(5)])
     layers[0](torch.randn(3, 4)), layers[0](torch.randn(3, 4, 5))

@@ -351,13 +351,19 @@ def _revert(module: nn.Module, default: type[_BatchNorm] | None, path: str, acti
         return module.fused
     if isinstance(module, SyncBatchNorm):
         return _revert_layer(module, default, path, activation_restored)
-    names = list(module._modules)
-    for index, name in enumerate(names):
-        child = module._modules[name]
+    children = list(module._modules.items())
+    for index, (name, child) in enumerate(children):
         if child is None:
             continue
-        follower = module._modules[names[index + 1]] if index + 1 < len(names) else None
-        restored = isinstance(child, SyncBatchNorm) and isinstance(follower, FusedActivation)
+        before = children[index - 1][1] if index > 0 else None
+        after = children[index + 1][1] if index + 1 < len(children) else None
+        fused_before = isinstance(before, SyncBatchNorm) and before.activation is not None
+        if isinstance(child, FusedActivation) and not fused_before:
+            # the layer before no longer applies the activation (changed by hand): keep the identity
+            module.add_module(name, nn.Identity())
+            continue
+        restored = isinstance(child, SyncBatchNorm) and child.activation is not None
+        restored = restored and isinstance(after, FusedActivation)
         child_path = f"{path}.{name}" if path else name
         module.add_module(name, _revert(child, default, child_path, restored))
     return module
