@@ -309,6 +309,10 @@ def test_timm_batchnormact_layers_and_timms_own_sync_conversion() -> None:
     timm_converted = timm_convert(copy.deepcopy(reference))
     assert type(timm_converted[0]).__name__ == "SyncBatchNormAct"
     assert_same_training(reference, convert_sync_batchnorm(timm_converted), steps=3)
+    # timm's AugMix SplitBatchNorm2d normalizes each split with its own statistics: left alone
+    split = timm.layers.SplitBatchNorm2d(4, num_splits=2)
+    with pytest.warns(UnconvertedBatchNormWarning, match=r"timm\.layers\.split_batchnorm\.SplitBatchNorm2d"):
+        assert convert_sync_batchnorm(split) is split
     # and back: torch's BatchNorm2d with timm's drop/act children, same keys and results
     reverted = revert_sync_batchnorm(convert_sync_batchnorm(copy.deepcopy(reference), fuse_activation=True))
     assert all(type(layer) is BatchNormAct2d for layer in list(reverted)[:7])
