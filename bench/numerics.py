@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import triton_syncbn
+from triton_syncbn.distributed import free_local_port
 
 EPS = 1e-5
 
@@ -102,9 +102,7 @@ def worker(rank: int, port: int, scenario: Scenario, results: mp.Queue) -> None:
 
 
 def ours(scenario: Scenario) -> dict[str, torch.Tensor]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_local_port()
     context = mp.get_context("spawn")
     queue = context.Queue()
     processes = mp.start_processes(worker, args=(port, scenario, queue), nprocs=2, start_method="spawn", join=False)

@@ -235,3 +235,92 @@ def batched_backward(batches: tuple[int, ...], training: bool) -> dict[str, torc
         "ours_jacrev": torch.func.jacrev(lambda value: loss(_ours, value))(problem["x"][rows].clone()),
         "reference_jacrev": torch.func.jacrev(lambda value: loss(_reference, value))(problem["x"].clone())[rows],
     }
+
+
+# Glue for checking the group's whole function, global input -> global output, on every rank.
+# Every rank holds the same global ("replicated") tensors; gradcheck perturbs them identically on
+# every rank, so its numerical derivative is that of the global function, and a cotangent of a
+# replicated tensor is replicated too and counts once. Rank-local quantities (this rank's rows)
+# get cotangents of their own. Hence: replicated -> local (taking rows, using a parameter) sums
+# the local cotangents over ranks in backward; local -> replicated (gathering rows, summing
+# partial gradients) hands the replicated cotangent to each rank once. Every backward below is
+# itself differentiable, for double backward; the collectives are plain torch.distributed calls.
+
+
+class _SumPartials(torch.autograd.Function):
+    """Forward: the sum over ranks of per-rank partials (a replicated result). Backward: the
+    replicated cotangent reaches each rank's partial once."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity on a tensor every rank holds, used locally; backward sums the local gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _SumPartials.apply(grad, ctx.group), None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows concatenated (equal counts); backward: this rank's rows of the gradient,
+    through ``_Replicated`` so that differentiating the backward w.r.t. the (replicated)
+    cotangent sums over the group too."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, rows: slice, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.rows, ctx.group = rows, group
+        pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _Replicated.apply(grad, ctx.group)[ctx.rows], None, None
+
+
+def gradgradcheck_global_function(world: int, activation: str | None) -> bool | None:
+    """``torch.autograd.gradgradcheck`` (and gradcheck) of the group's whole function.
+
+    The function takes the global input, weight, bias and residual (identical on every rank),
+    runs the synchronized layer on this rank's rows and gathers every rank's output; the
+    cotangents gradgradcheck differentiates through are identical on every rank too.
+    """
+    group = subgroup(world)
+    rank = current_rank()
+    if rank >= world:
+        return None
+    gen = torch.Generator().manual_seed(17)
+    rows_per_rank, shape = 2, (2, 3)
+    x = torch.randn(world * rows_per_rank, *shape, generator=gen, dtype=torch.float64).requires_grad_()
+    residual = torch.randn(world * rows_per_rank, *shape, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = (torch.rand(shape[0], generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(shape[0], generator=gen, dtype=torch.float64).requires_grad_()
+    cotangent = torch.randn(world * rows_per_rank, *shape, generator=gen, dtype=torch.float64).requires_grad_()
+    rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
+
+    def global_function(x, weight, bias, residual):
+        output = triton_syncbn.sync_batch_norm(
+            _Replicated.apply(x, group)[rows], None, None, _Replicated.apply(weight, group),
+            _Replicated.apply(bias, group), training=True, process_group=group,
+            residual=_Replicated.apply(residual, group)[rows], activation=activation, negative_slope=0.2,
+        )  # fmt: skip
+        return _GatherRows.apply(output, rows, group)
+
+    inputs = (x, weight, bias, residual)
+    first = torch.autograd.gradcheck(global_function, inputs, check_undefined_grad=False)
+    second = torch.autograd.gradgradcheck(global_function, inputs, (cotangent,), check_undefined_grad=False)
+    return first and second

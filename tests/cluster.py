@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -25,12 +24,6 @@ from typing import Any
 # Long enough for the interpreter on 2 busy cores, short enough that a hang fails the test.
 COLLECTIVE_TIMEOUT_S = 120
 TASK_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker_main(
@@ -81,8 +74,12 @@ class GlooCluster:
     def __init__(self, world_size: int, env: dict[str, str], backend: str = "gloo") -> None:
         self.world_size = world_size
         self.env = dict(env)
+        # Imported here, in the test process: the spawned workers import this file, and must not
+        # import triton before _worker_main has applied ``env``.
+        from triton_syncbn.distributed import free_local_port
+
         context = mp.get_context("spawn")
-        port = _free_port()
+        port = free_local_port()
         self._tasks = [context.Queue() for _ in range(world_size)]
         self._results = context.Queue()
         self._processes = [

@@ -127,3 +127,13 @@ def test_first_order_backward_still_runs_the_fused_path() -> None:
     layer = SyncBatchNorm(3)
     layer(x).sum().backward()
     assert x.grad is not None and x.grad.grad_fn is None
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_gradgradcheck_of_the_group_function(clusters, backend: str, activation: str | None) -> None:
+    """Finite differences of the whole 2-rank function, first and second order."""
+    assert clusters(backend).run(autodiff_tasks.gradgradcheck_global_function, 2, activation) == [
+        True, True, None, None,
+    ]  # fmt: skip

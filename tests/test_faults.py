@@ -3,29 +3,22 @@ their module state (running statistics, num_batches_tracked) is left as it was."
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch.multiprocessing as mp
 
 from fault_tasks import rank_main
+from triton_syncbn.distributed import free_local_port
 
 pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 8.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("fault", ["dies", "stalls"])
 def test_surviving_rank_gets_an_error_not_a_hang(fault: str) -> None:
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = free_port()
+    port = free_local_port()
     processes = [
         context.Process(target=rank_main, args=(rank, port, fault, TIMEOUT_S, results), daemon=True)
         for rank in range(2)

@@ -7,8 +7,18 @@ an empty batch still take part, with zeros, so every rank issues the same collec
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
+
+
+def free_local_port() -> int:
+    """A free TCP port on the loopback interface, for the rendezvous of a process group whose
+    ranks all run on this machine (tests, benchmarks, single-machine demos)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def sync_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -23,6 +33,11 @@ def sync_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | N
         return None
     group = process_group if process_group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+def group_size(group: dist.ProcessGroup) -> int:
+    """The number of ranks in ``group``."""
+    return dist.get_world_size(group)
 
 
 def all_reduce_sum_(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

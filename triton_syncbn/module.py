@@ -6,11 +6,11 @@ import copy
 import inspect
 
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # type hints only: distributed.py makes every call
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import sync_group, verify_same_on_all_ranks
+from .distributed import group_name, group_size, sync_group, verify_same_on_all_ranks
 from .functional import activation_code, batch_norm_function, check_input, epilogue, running_stats
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -141,14 +141,14 @@ class SyncBatchNorm(_BatchNorm):
         if torch.compiler.is_compiling():
             return
         requires_grad = input.requires_grad and torch.is_grad_enabled()
-        signature = (input.shape[1], input.dtype, requires_grad, id(group))
+        signature = (input.shape[1], input.dtype, requires_grad, group_name(group))
         if getattr(self, "_agreed_signature", None) == signature:
             return
         fields = {
             "channels": input.shape[1],
             "dtype": _DTYPE_CODES[input.dtype],
             "input requires_grad": int(requires_grad),
-            "group size": dist.get_world_size(group),
+            "group size": group_size(group),
         }
         dtype_names = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
         verify_same_on_all_ranks(fields, group, input.device, labels={"dtype": dtype_names})
