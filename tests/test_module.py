@@ -251,4 +251,9 @@ def test_odd_strides_and_broadcast_grad() -> None:
 
 
 def test_public_names() -> None:
-    assert set(triton_syncbn.__all__) == {"SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"}
+    assert set(triton_syncbn.__all__) == {
+        "SyncBatchNorm",
+        "convert_sync_batchnorm",
+        "revert_sync_batchnorm",
+        "sync_batch_norm",
+    }

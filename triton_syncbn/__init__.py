@@ -6,8 +6,9 @@
 Importing this package touches no GPU and reads no environment variable of its own.
 """
 
+from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .functional import sync_batch_norm
-from .module import SyncBatchNorm, convert_sync_batchnorm
+from .module import SyncBatchNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm", "sync_batch_norm"]
 __version__ = "0.1.0"

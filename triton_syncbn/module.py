@@ -9,15 +9,11 @@ import torch
 import torch.distributed as dist  # type hints only: distributed.py makes every call
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.lazy import LazyModuleMixin
 
 from .distributed import group_name, group_size, sync_group, verify_same_on_all_ranks
 from .functional import activation_code, batch_norm_function, check_input, epilogue, running_stats
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-
-# Activation modules that convert_sync_batchnorm(fuse_activation=True) folds into the layer before.
-_FUSIBLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
 
 # torch added the keyword-only ``bias`` argument to the BatchNorm classes in a recent release.
 _TORCH_HAS_BIAS_ARGUMENT = "bias" in inspect.signature(_BatchNorm.__init__).parameters
@@ -113,7 +109,7 @@ class SyncBatchNorm(_BatchNorm):
         if tracks:
             counter = self.num_batches_tracked if counts_batch else None
             running = running_stats(self.running_mean, self.running_var, counter, self.momentum)
-        return batch_norm_function(
+        output = batch_norm_function(
             input,
             self.weight,
             self.bias,
@@ -126,6 +122,16 @@ class SyncBatchNorm(_BatchNorm):
             check_finite=getattr(self, "check_finite", False),
             before_collectives=None if group is None else lambda: self._verify_ranks_agree(input, group),
         )
+        if not torch.compiler.is_compiling():
+            # After a successful call, what revert_sync_batchnorm needs to pick torch's class: a bit
+            # per input rank seen and whether a residual was passed. Plain attributes (no state, no
+            # graph); skipped when compiling, where a Python side effect would cost a graph break.
+            seen = self.__dict__.get("_seen_dims", 0) | (1 << input.dim())
+            if seen != self.__dict__.get("_seen_dims"):
+                self.__dict__["_seen_dims"] = seen
+            if residual is not None:
+                self.__dict__["_seen_residual"] = True
+        return output
 
     def _verify_ranks_agree(self, input: torch.Tensor, group: dist.ProcessGroup) -> None:
         """On the first synchronized call, and whenever this rank's (channels, dtype,
@@ -152,66 +158,8 @@ class SyncBatchNorm(_BatchNorm):
     def convert_sync_batchnorm(
         cls, module: nn.Module, process_group: dist.ProcessGroup | None = None, fuse_activation: bool = False
     ) -> nn.Module:
-        """Replace every ``_BatchNorm`` in ``module`` (recursively) by ``triton_syncbn.SyncBatchNorm``.
+        """``triton_syncbn.convert_sync_batchnorm`` with ``cls`` as the class plain layers become
+        (torch's classmethod signature; see ``triton_syncbn.convert`` for the rules)."""
+        from .convert import convert_sync_batchnorm
 
-        Same semantics as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters and
-        buffers are shared (same objects), ``training`` and ``qconfig`` carry over, and a new
-        module is returned when ``module`` itself is a BatchNorm. Call it before wrapping the
-        model in ``DistributedDataParallel``.
-
-        With ``fuse_activation=True``, a BatchNorm immediately followed by ``nn.ReLU``,
-        ``nn.LeakyReLU`` or ``nn.SiLU`` inside an ``nn.Sequential`` becomes one fused layer and
-        the activation becomes ``nn.Identity`` (indices and state_dict keys stay the same).
-        """
-        converted = module
-        if isinstance(module, _BatchNorm):
-            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
-                raise ValueError(
-                    f"cannot convert an uninitialized lazy BatchNorm ({type(module).__name__}): run one "
-                    "forward pass (or call initialize_parameters) first so that num_features is known"
-                )
-            converted = cls(
-                module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
-                process_group,
-                bias=not module.affine or module.bias is not None,
-                activation=getattr(module, "activation", None),
-                negative_slope=getattr(module, "negative_slope", 0.01),
-            )
-            if module.affine:
-                with torch.no_grad():
-                    converted.weight = module.weight
-                    converted.bias = module.bias
-            converted.running_mean = module.running_mean
-            converted.running_var = module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
-            converted.training = module.training
-            if hasattr(module, "qconfig"):
-                converted.qconfig = module.qconfig
-        for name, child in module.named_children():
-            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group, fuse_activation))
-        if fuse_activation and isinstance(converted, nn.Sequential):
-            _fuse_activations(converted)
-        return converted
-
-
-def convert_sync_batchnorm(
-    module: nn.Module, process_group: dist.ProcessGroup | None = None, fuse_activation: bool = False
-) -> nn.Module:
-    """Functional alias of ``SyncBatchNorm.convert_sync_batchnorm``."""
-    return SyncBatchNorm.convert_sync_batchnorm(module, process_group, fuse_activation)
-
-
-def _fuse_activations(sequential: nn.Sequential) -> None:
-    """Fold each activation that directly follows a (not yet fused) SyncBatchNorm into it."""
-    names = list(sequential._modules)
-    for name, next_name in zip(names, names[1:], strict=False):
-        norm, follower = sequential._modules[name], sequential._modules[next_name]
-        activation = _FUSIBLE_ACTIVATIONS.get(type(follower))
-        if isinstance(norm, SyncBatchNorm) and norm.activation is None and activation is not None:
-            norm.activation = activation
-            norm.negative_slope = getattr(follower, "negative_slope", norm.negative_slope)
-            sequential._modules[next_name] = nn.Identity()
+        return convert_sync_batchnorm(module, process_group, fuse_activation, layer_class=cls)
