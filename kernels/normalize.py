@@ -75,7 +75,9 @@ def _normalize_kernel(
         total_sq = tl.load(stats_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
         safe_count = tl.maximum(count, 1.0)
         mean64 = total / safe_count
-        m2 = tl.maximum(total_sq - total * mean64, 0.0)
+        # Clamp rounding below zero, but keep NaN (Inf or NaN in the channel): tl.maximum drops it.
+        m2 = total_sq - total * mean64
+        m2 = tl.where(m2 < 0.0, 0.0, m2)
         var64 = m2 / safe_count
         mean = mean64.to(ACC_DTYPE)
         invstd = (1.0 / tl.sqrt(var64 + eps)).to(ACC_DTYPE)

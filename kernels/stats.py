@@ -40,8 +40,10 @@ def _load_pilot(x_ptr, channels, channel_mask, M, stride_xc, ACC_DTYPE: tl.const
     if INT64:
         channels = channels.to(tl.int64)
     nonempty = (M + 0 * channels) > 0  # a tensor, so that masks combine the same way everywhere
-    pilot = tl.load(x_ptr + channels * stride_xc, mask=channel_mask & nonempty, other=0.0)
-    return pilot.to(ACC_DTYPE)
+    pilot = tl.load(x_ptr + channels * stride_xc, mask=channel_mask & nonempty, other=0.0).to(ACC_DTYPE)
+    # A non-finite pilot would turn every shifted value into NaN (inf - inf); shift by 0 instead,
+    # so the channel's statistics are Inf or NaN exactly as torch's are.
+    return tl.where(tl.abs(pilot) < float("inf"), pilot, 0.0)
 
 
 @triton.jit

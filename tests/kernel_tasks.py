@@ -205,3 +205,27 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
             "grad_residual": grad_residual,
         }
     return results
+
+
+def non_finite_batch_4_ranks() -> torch.Tensor:
+    """``(8, 4, 5)``: a NaN in channel 1 (rank 0's rows), an Inf in channel 2 (rank 2's rows), a -Inf
+    in channel 3 of rank 3's rows; channel 0 finite."""
+    x = torch.randn(8, 4, 5, generator=torch.Generator().manual_seed(11))
+    x[1, 1, 2] = float("nan")
+    x[4, 2, 0] = float("inf")
+    x[7, 3, 4] = float("-inf")
+    return x
+
+
+def non_finite_fused_relu() -> dict[str, torch.Tensor]:
+    """Every rank of the cluster normalizes its 2 rows of ``non_finite_batch_4_ranks`` with a fused
+    relu, synchronized over the whole group; returns this rank's output and running statistics."""
+    import torch.distributed as dist
+
+    from triton_syncbn import sync_batch_norm
+
+    rank = dist.get_rank()
+    x = non_finite_batch_4_ranks()[2 * rank : 2 * rank + 2]
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    output = sync_batch_norm(x, running_mean, running_var, training=True, activation="relu")
+    return {"output": output, "running_mean": running_mean, "running_var": running_var}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernel_tasks
 import rank_tasks
 from oracle import Case, oracle, relative_l2_error
 from triton_syncbn import sync_batch_norm, torch_path
@@ -140,3 +141,31 @@ def test_gradcheck_two_ranks(clusters, backend: str) -> None:
 def test_gradcheck_single_process_interpreter(clusters) -> None:
     results = clusters("interpreter").run(rank_tasks.gradcheck_global_function, 1)
     assert results[0] is True
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            "torch-cpu",
+            marks=pytest.mark.xfail(
+                strict=True, reason="torch_path shifts by a non-finite first element: +Inf mean becomes NaN"
+            ),
+        ),
+        "interpreter",
+    ],
+)
+def test_non_finite_inputs_through_a_fused_relu(clusters, backend: str) -> None:
+    """NaN and +-Inf reach the output through the fused relu and the running statistics as in
+    torch.nn.BatchNorm1d followed by torch.relu (``tl.maximum`` would drop the NaN)."""
+    results = clusters(backend).run(kernel_tasks.non_finite_fused_relu)
+    reference = torch.nn.BatchNorm1d(4)
+    expected = torch.relu(reference(kernel_tasks.non_finite_batch_4_ranks())).detach()
+    output = torch.cat([result["output"] for result in results])
+    assert torch.equal(output.isnan(), expected.isnan()), output
+    assert output.isnan()[:, 1:].all() and not output.isnan()[:, 0].any()  # Inf poisons its channel too
+    torch.testing.assert_close(output[:, 0], expected[:, 0], atol=1e-5, rtol=1e-5)
+    for name in ("running_mean", "running_var"):
+        ours, theirs = results[0][name], getattr(reference, name)
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf()), name
+        torch.testing.assert_close(ours[0], theirs[0]), name
