@@ -68,11 +68,10 @@ def forward(
             "Expected more than 1 value per channel when training, got 1 value per channel "
             f"in the global batch (local input shape {tuple(input.shape)})"
         )
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    # normalize increments num_batches_tracked itself, on the device, in the same launch.
     mean, invstd = ops.normalize(
         x, output_view, weight, bias, stats, running_mean, running_var,
-        num_batches_tracked if cumulative else None, momentum, eps, **epilogue,
+        num_batches_tracked, None if cumulative else momentum, eps, **epilogue,
     )  # fmt: skip
     return output, mean, invstd, stats[0]
 

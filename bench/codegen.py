@@ -1,17 +1,17 @@
 """Compile the kernel specializations the launchers would launch, for a GPU target, without a GPU.
 
-``capture_launches`` records the kernel calls the launchers make (with any tensors, meta
-tensors included) instead of running them; ``compile_launch`` compiles one recorded call for
-``sm_80``/``sm_90`` through ``triton.compile``, specializing every argument exactly as Triton's
-JIT would (ints equal to 1 become constants, 16-divisible ints and pointers get divisibility
-hints). The result holds the PTX and the cubin built by ptxas, so codegen can be inspected and
-proven to build on a CPU-only machine. A developer tool: nothing on the training path uses it.
+``recording(programs)`` gives a ``launchers.Dispatch`` that records the kernel calls the
+launchers make (with any tensors, meta tensors included) instead of running them, aiming at
+``programs`` programs as on a GPU with that many SMs x 4; ``compile_launch`` compiles one
+recorded call for ``sm_80``/``sm_90`` through ``triton.compile``, specializing every argument
+exactly as Triton's JIT would (ints equal to 1 become constants, 16-divisible ints and pointers
+get divisibility hints). The result holds the PTX and the cubin built by ptxas, so codegen can
+be inspected and proven to build on a CPU-only machine. A developer tool (bench/, not shipped):
+the launchers take the recording ``Dispatch`` as an argument; nothing is patched.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +20,8 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from . import launchers
+from triton_syncbn import launchers
 
-KERNEL_NAMES = (
-    "_partial_stats_kernel",
-    "_combine_stats_kernel",
-    "_normalize_kernel",
-    "_backward_reduce_kernel",
-    "_combine_grad_sums_kernel",
-    "_backward_dx_kernel",
-)
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -46,30 +38,23 @@ class KernelLaunch:
     def name(self) -> str:
         return self.kernel.__name__
 
-
-class _Recorder:
-    def __init__(self, kernel: Any, launches: list[KernelLaunch]) -> None:
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid: tuple[int, ...]) -> Any:
-        def record(*args: Any, **kwargs: Any) -> None:
-            self.launches.append(KernelLaunch(self.kernel, tuple(grid), args, kwargs))
-
-        return record
+    @property
+    def programs(self) -> int:
+        count = 1
+        for size in self.grid:
+            count *= size
+        return count
 
 
-@contextlib.contextmanager
-def capture_launches() -> Iterator[list[KernelLaunch]]:
-    """Within the block, launcher calls record their kernel launches instead of running them."""
+def recording(programs: int) -> tuple[launchers.Dispatch, list[KernelLaunch]]:
+    """A ``Dispatch`` for the launchers' ``dispatch=`` argument that records their launches (in
+    the returned list) instead of running them, sizing grids for ``programs`` programs."""
     launches: list[KernelLaunch] = []
-    originals = {name: getattr(launchers, name) for name in KERNEL_NAMES}
-    try:
-        for name, kernel in originals.items():
-            setattr(launchers, name, _Recorder(kernel, launches))
-        yield launches
-    finally:
-        for name, kernel in originals.items():
-            setattr(launchers, name, kernel)
+
+    def record(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        launches.append(KernelLaunch(kernel, tuple(grid), tuple(args), dict(kwargs)))
+
+    return launchers.Dispatch(programs=programs, launch=record), launches
 
 
 def compile_launch(launch: KernelLaunch, arch: int) -> Any:
@@ -138,3 +123,44 @@ def specialize_like_jit(value: Any) -> tuple[str, Any]:
     if isinstance(value, torch.Tensor):
         return _POINTER_TYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
     raise TypeError(f"cannot specialize an argument of type {type(value).__name__}")
+
+
+def training_step_launches(
+    x: torch.Tensor,
+    programs: int,
+    activation: int = 0,
+    residual: bool = False,
+    tiling: launchers.Tiling | None = None,
+) -> dict[str, list[KernelLaunch]]:
+    """The launches of one synchronized training forward and backward of ``x`` ``(N, C, *)``
+    (meta tensors are enough), as the module makes them: statistics, normalize with the running
+    statistics and ``num_batches_tracked`` updated, gradient sums, input gradient. Keyed by
+    direction ("forward", "backward"); ``tiling`` forces block sizes (tests)."""
+    from triton_syncbn.layout import channel_view, empty_output_like
+
+    dispatch, launches = recording(programs)
+    view = channel_view(x)
+    channels = x.shape[1]
+    per_channel = torch.empty(channels, device=x.device)
+    counter = torch.empty((), dtype=torch.int64, device=x.device)
+    residual_view = channel_view(torch.empty_like(x)) if residual else None
+    options = {"activation": activation, "negative_slope": 0.01, "tiling": tiling, "dispatch": dispatch}
+    stats = launchers.partial_stats(view, tiling=tiling, dispatch=dispatch)
+    _, out = empty_output_like(x)
+    mean, invstd = launchers.normalize(
+        view, out, per_channel, per_channel, stats, per_channel, per_channel, counter, 0.1, 1e-5,
+        residual=residual_view, **options,
+    )  # fmt: skip
+    forward = list(launches)
+    launches.clear()
+    sums, _, _ = launchers.backward_reduce(
+        view, view, mean, invstd, torch.float32, torch.float32, weight=per_channel, bias=per_channel,
+        residual=residual_view, **options,
+    )  # fmt: skip
+    _, grad_in = empty_output_like(x)
+    grad_residual = channel_view(torch.empty_like(x)) if residual else None
+    launchers.backward_dx(
+        view, view, grad_in, mean, invstd, per_channel, sums, stats[0], bias=per_channel, residual=residual_view,
+        grad_residual=grad_residual, **options,
+    )  # fmt: skip
+    return {"forward": forward, "backward": list(launches)}
