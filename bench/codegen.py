@@ -57,11 +57,9 @@ def recording(programs: int) -> tuple[launchers.Dispatch, list[KernelLaunch]]:
     return launchers.Dispatch(programs=programs, launch=record), launches
 
 
-def compile_launch(launch: KernelLaunch, arch: int) -> Any:
-    """Compile ``launch`` for ``sm_<arch>`` (e.g. 80, 90); returns Triton's compiled kernel.
-
-    ``compiled.asm`` holds ``ttir``, ``ttgir``, ``llir``, ``ptx`` and ``cubin``.
-    """
+def specialization(launch: KernelLaunch) -> tuple[dict[str, str], dict[str, Any], dict, dict[str, Any]]:
+    """``(signature, constexprs, attrs, options)`` of ``launch`` as Triton's JIT would specialize
+    it: equal specializations compile to the same binary (a cache key, with the kernel)."""
     kernel = launch.kernel
     arg_names = kernel.arg_names
     values = dict(zip(arg_names, launch.args, strict=False))
@@ -79,14 +77,23 @@ def compile_launch(launch: KernelLaunch, arch: int) -> Any:
             signature[name] = "constexpr"
             constexprs[name] = value
             continue
-        type_name, specialization = _specialize(value)
+        type_name, specialized = _specialize(value)
         signature[name] = type_name
         if type_name == "constexpr":
-            constexprs[name] = specialization
-        elif isinstance(specialization, str) and specialization:
-            attrs[(index,)] = BaseBackend.parse_attr(specialization)
+            constexprs[name] = specialized
+        elif isinstance(specialized, str) and specialized:
+            attrs[(index,)] = BaseBackend.parse_attr(specialized)
     options = {name: launch.kwargs[name] for name in _LAUNCH_OPTIONS if name in launch.kwargs}
-    source = ASTSource(kernel, signature, constexprs, attrs)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: KernelLaunch, arch: int) -> Any:
+    """Compile ``launch`` for ``sm_<arch>`` (e.g. 80, 90); returns Triton's compiled kernel.
+
+    ``compiled.asm`` holds ``ttir``, ``ttgir``, ``llir``, ``ptx`` and ``cubin``.
+    """
+    signature, constexprs, attrs, options = specialization(launch)
+    source = ASTSource(launch.kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -15,8 +15,9 @@ The reduce kernel keeps per-lane sums in registers (fp32; fp64 for fp64 input) a
 into float64 per-channel totals once every ``FLUSH_STEPS`` steps (one cross-thread reduction per
 32 steps: the issue cost of the reduction vanishes, and an fp32 lane never sums more than 32
 values, which keeps the gradients at torch's accuracy whatever the tensor size). Sums over a
-channel split across programs are float64 partials added by ``_combine_grad_sums_kernel`` in
-split order (no atomics), so gradients are bitwise reproducible. The dx kernel reduces nothing;
+channel split across programs are float64 partials added by ``_combine_grad_sums_kernel`` in a
+fixed order (``SPLIT_BLOCK`` lanes, then one tree; no atomics), so gradients are bitwise
+reproducible. The dx kernel reduces nothing;
 launchers size its grid on their own.
 """
 
@@ -104,7 +105,11 @@ def _backward_reduce_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    SAME_STRIDES: tl.constexpr,  # dy (and residual) strided like x: one set of offsets (fewer registers)
 ):
+    if SAME_STRIDES:
+        stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
+        stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
@@ -161,19 +166,26 @@ def _combine_grad_sums_kernel(
     grad_weight_ptr,  # [C] or None
     grad_bias_ptr,  # [C] or None
     C,
-    num_splits,  # splits to add up (at most 64: launchers.MAX_SPLITS)
+    num_splits,  # splits to add up
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,  # splits added per step: a serial loop of cdiv(num_splits, SPLIT_BLOCK) steps
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
-    sum_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
-    sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for split in range(num_splits):  # fixed order: bitwise reproducible
-        sum_dy += tl.load(partials_ptr + split * C + channels, mask=channel_mask, other=0.0)
-        sum_dy_xmu += tl.load(partials_ptr + (num_splits + split) * C + channels, mask=channel_mask, other=0.0)
+    sum_dy = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    sum_dy_xmu = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    for first in range(0, num_splits, SPLIT_BLOCK):  # fixed shapes and order: bitwise reproducible
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        mask = (splits < num_splits)[:, None] & channel_mask[None, :]
+        offsets = splits[:, None] * C + channels[None, :]
+        sum_dy += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+        sum_dy_xmu += tl.load(partials_ptr + num_splits * C + offsets, mask=mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
-    _store_grad_sums(sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd)
+    _store_grad_sums(
+        sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, tl.sum(sum_dy, axis=0),
+        tl.sum(sum_dy_xmu, axis=0), invstd,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -216,7 +228,12 @@ def _backward_dx_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    SAME_STRIDES: tl.constexpr,  # dy, dx (and residual) strided like x: one set of offsets (fewer registers)
 ):
+    if SAME_STRIDES:
+        stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
+        stride_dxn, stride_dxc, stride_dxs = stride_xn, stride_xc, stride_xs
+        stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)

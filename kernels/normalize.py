@@ -2,12 +2,12 @@
 then (optionally) add a residual and apply an activation, all in one pass.
 
 Every program finalizes mean and invstd for its channel block itself (O(BLOCK_C) work), so no
-separate finalize launch is needed. The programs of split 0 write mean/invstd for backward.
-Program (0, 0) alone updates the running statistics of *every* channel and then bumps
-``num_batches_tracked`` on the device: one program owning the counter means no other program
-can read it half-updated, and the forward needs no separate launch for the increment. Momentum
-(or ``1 / num_batches_tracked`` after the increment, for the cumulative average) is applied in
-float64; a global batch of zero elements leaves the running statistics untouched, with no host
+separate finalize launch is needed. The programs of split 0 write mean/invstd for backward and
+update the running statistics of their channels; program (0, 0) bumps ``num_batches_tracked`` on
+the device, so the forward needs no separate launch for it. The cumulative average
+(``1 / num_batches_tracked`` after the increment) reads the counter, so in that mode program
+(0, 0) alone updates every channel, then bumps it: no program reads it half-updated. Momentum
+is applied in float64; a global batch of zero elements leaves the running statistics untouched, with no host
 synchronization. The element loop walks the program's rectangle of the (sample, spatial) plane
 like every streaming kernel (see ``indexing.py``); this kernel reduces nothing, so launchers
 size its grid on their own.
@@ -44,35 +44,50 @@ def _batch_moments(stats_ptr, channels, channel_mask, C):
 
 
 @triton.jit
+def _update_channels(stats_ptr, running_mean_ptr, running_var_ptr, channels, channel_mask, factor, C):
+    """The momentum update of ``channels``' running statistics with the float64 ``factor``."""
+    count, mean, m2 = _batch_moments(stats_ptr, channels, channel_mask, C)
+    update = channel_mask & (count > 0.0)
+    old_mean = tl.load(running_mean_ptr + channels, mask=update, other=0.0).to(tl.float64)
+    old_var = tl.load(running_var_ptr + channels, mask=update, other=0.0).to(tl.float64)
+    unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+    new_mean = to_element_type(old_mean + factor * (mean - old_mean), running_mean_ptr)
+    new_var = to_element_type(old_var + factor * (unbiased_var - old_var), running_var_ptr)
+    tl.store(running_mean_ptr + channels, new_mean, mask=update)
+    tl.store(running_var_ptr + channels, new_var, mask=update)
+
+
+@triton.jit
 def _update_running_stats(
-    stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C,
+    stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C, channels, channel_mask,
     CUMULATIVE: tl.constexpr,
 ):  # fmt: skip
-    """Run by one program: the momentum update of every channel, then ``num_batches_tracked += 1``.
+    """Running statistics and ``num_batches_tracked``, without a race on the counter.
 
-    Channels go ``UPDATE_BLOCK`` at a time whatever the tile's BLOCK_C, so even C = 4096 takes
-    four iterations, overlapping the other programs' streaming."""
+    With a fixed momentum, the split-0 program of each channel block updates its own channels
+    and program (0, 0) bumps the counter. The cumulative average reads the counter, so there
+    program (0, 0) alone updates every channel (``UPDATE_BLOCK`` at a time) before bumping it."""
     UPDATE_BLOCK: tl.constexpr = 1024
-    factor = tl.zeros([], dtype=tl.float64) + momentum
-    if num_batches_ptr is not None:
-        batches = tl.load(num_batches_ptr) + 1
-        if CUMULATIVE:
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    if CUMULATIVE:
+        if first:
+            batches = tl.load(num_batches_ptr) + 1
             factor = 1.0 / batches.to(tl.float64)
-    if running_mean_ptr is not None:
-        for block in range(0, tl.cdiv(C, UPDATE_BLOCK)):
-            channels = block * UPDATE_BLOCK + tl.arange(0, UPDATE_BLOCK)
-            channel_mask = channels < C
-            count, mean, m2 = _batch_moments(stats_ptr, channels, channel_mask, C)
-            update = channel_mask & (count > 0.0)
-            old_mean = tl.load(running_mean_ptr + channels, mask=update, other=0.0).to(tl.float64)
-            old_var = tl.load(running_var_ptr + channels, mask=update, other=0.0).to(tl.float64)
-            unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
-            new_mean = to_element_type(old_mean + factor * (mean - old_mean), running_mean_ptr)
-            new_var = to_element_type(old_var + factor * (unbiased_var - old_var), running_var_ptr)
-            tl.store(running_mean_ptr + channels, new_mean, mask=update)
-            tl.store(running_var_ptr + channels, new_var, mask=update)
-    if num_batches_ptr is not None:
-        tl.store(num_batches_ptr, batches)
+            if running_mean_ptr is not None:
+                for block in range(0, tl.cdiv(C, UPDATE_BLOCK)):
+                    block_channels = block * UPDATE_BLOCK + tl.arange(0, UPDATE_BLOCK)
+                    _update_channels(
+                        stats_ptr, running_mean_ptr, running_var_ptr, block_channels, block_channels < C, factor, C
+                    )
+            tl.store(num_batches_ptr, batches)
+    else:
+        if running_mean_ptr is not None:
+            if tl.program_id(1) == 0:
+                factor = tl.zeros([], dtype=tl.float64) + momentum
+                _update_channels(stats_ptr, running_mean_ptr, running_var_ptr, channels, channel_mask, factor, C)
+        if num_batches_ptr is not None:
+            if first:
+                tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)
 
 
 @triton.jit
@@ -115,7 +130,11 @@ def _normalize_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    SAME_STRIDES: tl.constexpr,  # y (and residual) strided like x: one set of offsets (fewer registers)
 ):
+    if SAME_STRIDES:
+        stride_yn, stride_yc, stride_ys = stride_xn, stride_xc, stride_xs
+        stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
     channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -125,10 +144,10 @@ def _normalize_kernel(
         count, mean64, m2 = _batch_moments(stats_ptr, channels, channel_mask, C)
         mean = mean64.to(ACC_DTYPE)
         invstd = (1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)).to(ACC_DTYPE)
-        if (pid_c == 0) & (pid_split == 0):
-            _update_running_stats(
-                stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C, CUMULATIVE
-            )
+        _update_running_stats(
+            stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C, channels, channel_mask,
+            CUMULATIVE,
+        )  # fmt: skip
     else:
         mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(ACC_DTYPE)

@@ -18,8 +18,9 @@ deviations, so S2 - S1**2 / n loses only a few bits; the mean keeps torch's accu
 ordinary data and the variance stays exact to ~1e-6 relative even for |mean| / std = 1e4.
 
 Splits of a channel (``num_splits > 1``) share the pilot, so their shifted sums simply add:
-each writes float64 ``(count, S1, S2)`` partials and ``_combine_stats_kernel`` adds them in
-split order (no atomics): bitwise reproducible.
+each writes float64 ``(count, S1, S2)`` partials and ``_combine_stats_kernel`` adds them in a
+fixed order (a lane per split, ``SPLIT_BLOCK`` splits per step, one tree at the end; no
+atomics): bitwise reproducible, and at most ``cdiv(splits, SPLIT_BLOCK)`` serial steps.
 """
 
 import triton
@@ -118,21 +119,28 @@ def _combine_stats_kernel(
     C,  # channels
     N,  # samples of the view
     S,  # spatial size of the view
-    num_splits,  # splits to add up (at most 64: launchers.MAX_SPLITS)
+    num_splits,  # splits to add up
     stride_xc,  # channel stride of x
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,  # splits added per step: a serial loop of cdiv(num_splits, SPLIT_BLOCK) steps
     INT64: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     pilot = _load_pilot(x_ptr, channels, channel_mask, N, S, stride_xc, ACC_DTYPE, INT64)
-    count = tl.zeros([BLOCK_C], dtype=tl.float64)
-    shifted_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
-    shifted_sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
-    # A fixed order over the splits keeps the result bitwise reproducible.
-    for split in range(num_splits):
-        count += tl.load(partials_ptr + split * C + channels, mask=channel_mask, other=0.0)
-        shifted_sum += tl.load(partials_ptr + (num_splits + split) * C + channels, mask=channel_mask, other=0.0)
-        shifted_sumsq += tl.load(partials_ptr + (2 * num_splits + split) * C + channels, mask=channel_mask, other=0.0)
-    _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
+    count = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    shifted_sum = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    shifted_sumsq = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    # Fixed shapes and order (a lane per split, then one tree over the lanes): bitwise reproducible.
+    for first in range(0, num_splits, SPLIT_BLOCK):
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        mask = (splits < num_splits)[:, None] & channel_mask[None, :]
+        offsets = splits[:, None] * C + channels[None, :]
+        count += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+        shifted_sum += tl.load(partials_ptr + num_splits * C + offsets, mask=mask, other=0.0)
+        shifted_sumsq += tl.load(partials_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0)
+    _store_packed_stats(
+        out_ptr, channels, channel_mask, C, tl.sum(count, axis=0), tl.sum(shifted_sum, axis=0),
+        tl.sum(shifted_sumsq, axis=0), pilot,
+    )  # fmt: skip

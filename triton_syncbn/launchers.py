@@ -33,8 +33,11 @@ _NUM_WARPS = 4
 _MAX_BLOCK_C = 64
 # Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU.
 _PROGRAMS_PER_SM = 4
-# Splits of one channel block a reduction may use: the merge adds at most this many partials.
-MAX_SPLITS = 64
+# Splits of one channel block a reduction may use; the merge adds MERGE_SPLIT_BLOCK of them per
+# serial step (so at most 16 steps), channels MERGE_BLOCK_C per program.
+MAX_SPLITS = 1024
+MERGE_SPLIT_BLOCK = 64
+MERGE_BLOCK_C = 16
 # Steps per program the elementwise kernels (normalize, dx) aim at on large tensors.
 _ELEMENTWISE_STEPS = 16
 # Under the interpreter programs run one after another; a few splits still exercise the paths.
@@ -261,6 +264,24 @@ def _blocks(tiling: Tiling) -> dict[str, int]:
             "num_warps": tiling.num_warps}  # fmt: skip
 
 
+def _same_strides(*views: torch.Tensor | None) -> bool:
+    """Whether every given view has the first one's strides (the kernels then share offsets)."""
+    present = _present(*views)
+    return all(view.stride() == present[0].stride() for view in present)
+
+
+def _merge_blocks(channels: int, splits: int) -> dict[str, int]:
+    """Block sizes of the split merges (fixed per shape: a fixed summation order)."""
+    return {
+        "BLOCK_C": min(MERGE_BLOCK_C, triton.next_power_of_2(channels)),
+        "SPLIT_BLOCK": min(MERGE_SPLIT_BLOCK, triton.next_power_of_2(splits)),
+    }
+
+
+def _merge_grid(channels: int) -> tuple[int]:
+    return (triton.cdiv(channels, min(MERGE_BLOCK_C, triton.next_power_of_2(channels))),)
+
+
 def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Every view collapsed to rows (``collapse``) when all of them can be, else unchanged."""
     first = next(view for view in views if view is not None)
@@ -295,11 +316,10 @@ def partial_stats(
              VEC=spatial_vector(tiling, x), **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
-        combine_block = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
         dispatch.launch(
-            _combine_stats_kernel, (triton.cdiv(channels, combine_block),),
+            _combine_stats_kernel, _merge_grid(channels),
             (partials, x, packed, channels, x.shape[0], x.shape[2], splits, x.stride(1)),
-            dict(ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=combine_block, INT64=int64),
+            dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, **_merge_blocks(channels, splits)),
         )  # fmt: skip
     return packed
 
@@ -351,7 +371,8 @@ def normalize(
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=batch_stats and momentum is None, ACTIVATION=activation,
              ACC_DTYPE=_tl_dtype(acc_dtype), INT64=_needs_int64(tiling, x, out, *_present(residual)),
-             VEC=spatial_vector(tiling, x, out, residual), **_blocks(tiling)),
+             VEC=spatial_vector(tiling, x, out, residual), SAME_STRIDES=_same_strides(x, out, residual),
+             **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -399,14 +420,14 @@ def backward_reduce(
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
              INT64=_needs_int64(tiling, grad_out, x, *_present(residual)),
-             VEC=spatial_vector(tiling, grad_out, x, residual), **_blocks(tiling)),
+             VEC=spatial_vector(tiling, grad_out, x, residual), SAME_STRIDES=_same_strides(x, grad_out, residual),
+             **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
-        combine_block = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
         dispatch.launch(
-            _combine_grad_sums_kernel, (triton.cdiv(channels, combine_block),),
+            _combine_grad_sums_kernel, _merge_grid(channels),
             (partials, invstd, sums, grad_weight, grad_bias, channels, splits),
-            dict(ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=combine_block),
+            dict(ACC_DTYPE=_tl_dtype(acc_dtype), **_merge_blocks(channels, splits)),
         )  # fmt: skip
     return sums, grad_weight, grad_bias
 
@@ -455,5 +476,6 @@ def backward_dx(
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
              INT64=_needs_int64(tiling, grad_out, x, *_present(out, residual_layout)),
-             VEC=spatial_vector(tiling, grad_out, x, out, residual_layout), **_blocks(tiling)),
+             VEC=spatial_vector(tiling, grad_out, x, out, residual_layout),
+             SAME_STRIDES=_same_strides(x, grad_out, out, residual_layout), **_blocks(tiling)),
     )  # fmt: skip
