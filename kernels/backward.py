@@ -143,7 +143,7 @@ def _backward_reduce_kernel(
                 ACTIVATION, ACC_DTYPE,
             )  # fmt: skip
             acc_dy += dy
-            acc_dy_xmu += tl.where(mask, dy * (x - mean[:, None]), 0.0)
+            acc_dy_xmu += dy * (x - mean[:, None])  # masked lanes: dy = 0, x = 0, mean finite -> 0
             n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
         total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)

@@ -73,19 +73,21 @@ def step_pointers(ptr, offsets, n0, s0, stride_n, stride_s, VEC: tl.constexpr):
     """Pointers of one step's tile: a scalar step offset (64-bit: it spans the tensor) plus the
     loop-invariant lane offsets. With ``VEC > 1`` (the launcher checked that runs of VEC
     positions are contiguous and 16-byte aligned) the hint makes loads and stores 128-bit."""
-    offsets = (n0.to(tl.int64) * stride_n + s0.to(tl.int64) * stride_s) + offsets
-    if VEC > 1:  # hints in elements, on the offsets (the pointer itself is 16-byte aligned)
+    step = n0.to(tl.int64) * stride_n + s0.to(tl.int64) * stride_s
+    if VEC > 1:  # hints in elements (the pointer argument itself is 16-byte aligned)
+        step = tl.multiple_of(step, VEC)
         offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, VEC]), [1, VEC])
-    return ptr + offsets
+    # A uniform (scalar) base per step, then 32-bit lane offsets: one address add per access.
+    return (ptr + step) + offsets
 
 
 @triton.jit
 def step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr):
     """``[BLOCK_C, BLOCK_M]`` mask of the valid elements of one step, constant over each aligned
     run of ``VEC`` positions (so it does not split 128-bit accesses)."""
-    rows = (n0 + lane_n) < n_hi
+    rows = lane_n < (n_hi - n0)  # scalar bounds: one compare per element
     if BLOCK_S > 1:
-        rows = rows & ((s0 + lane_s_run) < s_hi)
+        rows = rows & (lane_s_run < (s_hi - s0))
     mask = channel_mask[:, None] & rows[None, :]
     if VEC > 1:
         mask = tl.max_constancy(mask, [1, VEC])

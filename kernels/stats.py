@@ -83,6 +83,7 @@ def _partial_stats_kernel(
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
     offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    pilot_x = pilot.to(x_ptr.dtype.element_ty)[:, None]  # exact: the pilot is an element of x (or 0)
 
     # Per-lane shifted sums: no cross-thread reduction inside the loop.
     acc_sum = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
@@ -91,8 +92,9 @@ def _partial_stats_kernel(
     s0 = s_lo
     for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
-        x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=0.0)
-        shifted = tl.where(mask, x.to(ACC_DTYPE) - pilot[:, None], 0.0)
+        # Masked lanes read the pilot itself, so they add exactly zero (no select per element).
+        x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=pilot_x)
+        shifted = x.to(ACC_DTYPE) - pilot[:, None]
         acc_sum += shifted
         acc_sumsq += shifted * shifted
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
