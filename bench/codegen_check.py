@@ -28,7 +28,7 @@ from triton_syncbn import launchers
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 from triton_syncbn.layout import channel_view
 
-H200_PROGRAMS = 4 * 132
+H200_PROGRAMS = launchers.PROGRAMS_PER_SM * 132
 
 STREAMING = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
 

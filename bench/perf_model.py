@@ -60,6 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codegen import KernelLaunch, compile_launch, specialization, training_step_launches  # noqa: E402
 from shapes import GPU_SHAPES  # noqa: E402
 
+from triton_syncbn import launchers  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -359,7 +361,7 @@ def model_case(shape_id: str, shape: tuple, layout: str, dtype: str, gpu: Gpu) -
     if layout == "channels_last":
         memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = torch.empty(shape, device="meta", dtype=DTYPES[dtype]).contiguous(memory_format=memory_format)
-    launches = training_step_launches(x, 4 * gpu.sms)
+    launches = training_step_launches(x, launchers.PROGRAMS_PER_SM * gpu.sms)
     rows = []
     for direction, direction_launches in launches.items():
         label = {"shape": shape_id, "layout": layout, "dtype": dtype, "direction": direction}

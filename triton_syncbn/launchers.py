@@ -31,8 +31,9 @@ from .layout import accumulation_dtype
 _THREAD_ELEMENTS = 16
 _NUM_WARPS = 4
 _MAX_BLOCK_C = 64
-# Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU.
-_PROGRAMS_PER_SM = 4
+# Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU: 4 is the
+# target (bench/perf_model.py), 5 leaves room for the rounding of splits to whole steps.
+PROGRAMS_PER_SM = 5
 # Splits of one channel block a reduction may use; the merge adds MERGE_SPLIT_BLOCK of them per
 # serial step (so at most 16 steps), channels MERGE_BLOCK_C per program.
 MAX_SPLITS = 1024
@@ -135,6 +136,13 @@ def _spatial_block(view: torch.Tensor, tile: int) -> int:
     return best
 
 
+def _chunk(blocks: int, splits: int, cap: int) -> int:
+    """Blocks per split: rounded down, so that at least ``splits`` splits result, unless that
+    would exceed ``cap``."""
+    chunk = max(blocks // splits, 1)
+    return chunk if triton.cdiv(blocks, chunk) <= cap else triton.cdiv(blocks, splits)
+
+
 def _with_splits(view: torch.Tensor, block_c: int, block_n: int, block_s: int, wanted: int, cap: int) -> Tiling:
     """Split the ``[N, S]`` plane of ``view`` along N first, then S, into at most ``min(wanted, cap)``
     rectangles made of whole steps."""
@@ -143,10 +151,10 @@ def _with_splits(view: torch.Tensor, block_c: int, block_n: int, block_s: int, w
     n_blocks = max(triton.cdiv(batch, block_n), 1)
     s_blocks = max(triton.cdiv(spatial, block_s), 1)
     n_splits = min(wanted, n_blocks)
-    chunk_n = triton.cdiv(n_blocks, n_splits) * block_n
+    chunk_n = _chunk(n_blocks, n_splits, cap) * block_n
     n_splits = max(triton.cdiv(batch, chunk_n), 1)
     s_splits = min(max(wanted // n_splits, 1), s_blocks)
-    chunk_s = triton.cdiv(s_blocks, s_splits) * block_s
+    chunk_s = _chunk(s_blocks, s_splits, max(cap // n_splits, 1)) * block_s
     s_splits = max(triton.cdiv(spatial, chunk_s), 1)
     return Tiling(block_c, block_n, block_s, chunk_n, chunk_s, n_splits, s_splits)
 
@@ -173,6 +181,15 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> 
         block_s = _spatial_block(view, tile)
         block_n = min(max(tile // block_s, 1), triton.next_power_of_2(max(batch, 1)))
     channel_blocks = triton.cdiv(channels, block_c)
+    # Too few steps to give every program one: smaller steps (down to 4 elements per thread).
+    while (
+        block_n * block_s > _NUM_WARPS * 32 * 4
+        and channel_blocks * triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s) < programs
+    ):
+        if block_n > 1:
+            block_n //= 2
+        else:
+            block_s //= 2
     wanted = triton.cdiv(programs, channel_blocks)
     if not reduction:
         steps = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s)
@@ -182,7 +199,7 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return _INTERPRETER_PROGRAMS
 
 
