@@ -35,6 +35,7 @@ The formula (constants per GPU in ``GPUS``; one place):
 
 Checks (exit status 1 when any fails; the issue-12 targets): every streaming loop needs
 ``q <= 1.5``; no integer division in a main loop; where the tensor is >= 1 MB, ``F >= 32 KB``
+(or every byte the kernel loads, when that is less per SM: S2 bf16 holds 16 KB per SM in all)
 and ``programs / SMs >= 4`` for every streaming kernel; no serial merge over more than 64
 splits; at most 2 kernels per direction. Prints a table, writes ``model.csv`` and
 ``model.png`` under ``--out`` and a short ``summary.md``.
@@ -295,7 +296,9 @@ def kernel_figures(
     if sass.integer_division:
         failures.append("integer division in the main loop")
     if numel * element_bytes >= LARGE_TENSOR:
-        if in_flight < MIN_IN_FLIGHT:
+        # 32 KB per SM, or every byte the kernel loads at once when the tensor is smaller than that
+        loaded = traffic - (sass.loop_store_bytes / max(moved, 1)) * traffic
+        if in_flight < min(MIN_IN_FLIGHT, loaded / gpu.sms):
             failures.append(f"{in_flight / 1024:.1f} KB in flight < {MIN_IN_FLIGHT // 1024} KB")
         if per_sm < MIN_PROGRAMS_PER_SM:
             failures.append(f"{per_sm:.2f} programs/SM < {MIN_PROGRAMS_PER_SM}")

@@ -129,7 +129,7 @@ def _spatial_block(view: torch.Tensor, tile: int) -> int:
     block = 1
     while block <= min(tile, triton.next_power_of_2(spatial)):
         block_n = min(tile // block, triton.next_power_of_2(max(batch, 1)))
-        cost = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(spatial, block) * max(block_n * block, tile // 4)
+        cost = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(spatial, block) * max(block_n * block, tile)
         if best_cost is None or cost <= best_cost:
             best, best_cost = block, cost
         block *= 2
@@ -183,7 +183,7 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> 
     channel_blocks = triton.cdiv(channels, block_c)
     # Too few steps to give every program one: smaller steps (down to 4 elements per thread).
     while (
-        block_n * block_s > _NUM_WARPS * 32 * 4
+        block_c * block_n * block_s > _NUM_WARPS * 32 * 4
         and channel_blocks * triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s) < programs
     ):
         if block_n > 1:
