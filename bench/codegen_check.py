@@ -9,7 +9,7 @@ so the check compiles exactly what would run) it asserts:
 - 128-bit global loads and stores in the streaming kernels for 16-byte aligned inputs, in both
   the contiguous and the channels_last layout,
 - 64-bit lane offsets (``INT64``) when the tensor can have 2**31 elements or more, and none below.
-Launches are recorded for an H200-sized grid (132 SMs x 4 programs). Speed (instructions per
+Launches are recorded for an H200-sized grid (132 SMs x ``launchers.PROGRAMS_PER_SM``). Speed (instructions per
 byte, loads in flight, grids) is ``bench/perf_model.py``'s job. Exit status 0 when every check
 holds.
 """

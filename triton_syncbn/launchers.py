@@ -214,7 +214,7 @@ def _run(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict
 class Dispatch:
     """Where the launchers' kernel launches go: ``launch(kernel, grid, args, kwargs)`` runs them
     (the default) or records them (bench/codegen.py compiles recorded launches for a GPU that
-    is not here); ``programs`` is the number of programs to aim for (default: 4 per SM of the
+    is not here); ``programs`` is the number of programs to aim for (default: PROGRAMS_PER_SM per SM of the
     tensor's device, 4 under the interpreter)."""
 
     programs: int | None = None
