@@ -35,6 +35,7 @@ from .indexing import (
     step_mask,
     step_pointers,
     to_element_type,
+    widen,
 )
 
 # Steps between folds of the per-lane fp32 sums into the float64 totals (see the module docstring).
@@ -50,7 +51,7 @@ def _grad_before_activation(
     if ACTIVATION != 0:
         z = (x - mean[:, None]) * (invstd * weight)[:, None] + bias[:, None]
         if residual_ptr is not None:
-            z += tl.load(r_pointers, mask=mask, other=0.0).to(ACC_DTYPE)
+            z += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
         dy = activation_backward(z, dy, negative_slope, ACTIVATION)
     return dy
 
@@ -133,8 +134,8 @@ def _backward_reduce_kernel(
             mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
             dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC)
             x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)
-            dy = tl.load(dy_pointers, mask=mask, other=0.0).to(ACC_DTYPE)
-            x = tl.load(x_pointers, mask=mask, other=0.0).to(ACC_DTYPE)
+            dy = widen(tl.load(dy_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
             r_pointers = r_offsets  # unused without a residual
             if residual_ptr is not None:
                 r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
@@ -256,10 +257,10 @@ def _backward_dx_kernel(
     for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
         dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC), mask=mask, other=0.0)
-        dy = dy.to(ACC_DTYPE)
+        dy = widen(dy, ACC_DTYPE)
         if BATCH_STATS or ACTIVATION != 0:
             x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)
-            x = tl.load(x_pointers, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
         r_pointers = r_offsets  # unused without a residual
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)

@@ -27,6 +27,7 @@ from .indexing import (
     step_mask,
     step_pointers,
     to_element_type,
+    widen,
 )
 
 
@@ -149,8 +150,8 @@ def _normalize_kernel(
             CUMULATIVE,
         )  # fmt: skip
     else:
-        mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
-        var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(ACC_DTYPE)
+        mean = widen(tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0), ACC_DTYPE)
+        var = widen(tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0), ACC_DTYPE)
         invstd = 1.0 / tl.sqrt(var + eps)
     if pid_split == 0:
         tl.store(mean_ptr + channels, mean, mask=channel_mask)
@@ -170,10 +171,10 @@ def _normalize_kernel(
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
         x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=0.0)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
-        y = (x.to(ACC_DTYPE) - mean[:, None]) * scale[:, None] + shift[:, None]
+        y = (widen(x, ACC_DTYPE) - mean[:, None]) * scale[:, None] + shift[:, None]
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
-            y += tl.load(r_pointers, mask=mask, other=0.0).to(ACC_DTYPE)
+            y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
         y = apply_activation(y, negative_slope, ACTIVATION)
         y_pointers = step_pointers(y_ptr, y_offsets, n0, s0, stride_yn, stride_ys, VEC)
         tl.store(y_pointers, y.to(y_ptr.dtype.element_ty), mask=mask)

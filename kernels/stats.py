@@ -26,7 +26,7 @@ atomics): bitwise reproducible, and at most ``cdiv(splits, SPLIT_BLOCK)`` serial
 import triton
 import triton.language as tl
 
-from .indexing import advance, lane_offsets, lanes, split_bounds, step_count, step_mask, step_pointers
+from .indexing import advance, lane_offsets, lanes, split_bounds, step_count, step_mask, step_pointers, widen
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _partial_stats_kernel(
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
         # Masked lanes read the pilot itself, so they add exactly zero (no select per element).
         x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=pilot_x)
-        shifted = x.to(ACC_DTYPE) - pilot[:, None]
+        shifted = widen(x, ACC_DTYPE) - pilot[:, None]
         acc_sum += shifted
         acc_sumsq += shifted * shifted
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)

@@ -153,7 +153,7 @@ def _with_splits(view: torch.Tensor, block_c: int, block_n: int, block_s: int, w
     n_splits = min(wanted, n_blocks)
     chunk_n = _chunk(n_blocks, n_splits, cap) * block_n
     n_splits = max(triton.cdiv(batch, chunk_n), 1)
-    s_splits = min(max(wanted // n_splits, 1), s_blocks)
+    s_splits = min(triton.cdiv(wanted, n_splits), s_blocks, max(cap // n_splits, 1))
     chunk_s = _chunk(s_blocks, s_splits, max(cap // n_splits, 1)) * block_s
     s_splits = max(triton.cdiv(spatial, chunk_s), 1)
     return Tiling(block_c, block_n, block_s, chunk_n, chunk_s, n_splits, s_splits)
