@@ -17,7 +17,7 @@ def apply_activation(z, negative_slope, ACTIVATION: tl.constexpr):
     """``act(z)`` elementwise, in z's dtype."""
     out = z
     if ACTIVATION == 1:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: it drops NaN, torch.relu keeps it
     elif ACTIVATION == 2:
         out = tl.where(z > 0.0, z, z * negative_slope)
     elif ACTIVATION == 3:

@@ -9,42 +9,64 @@ statistics; it is also the residual's gradient. With ``xhat = (x - mean) * invst
     dx = weight * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n)   (batch statistics)
     dx = weight * invstd * dy                                           (running statistics)
 
-where the sums in ``dx`` are the all-reduced global ones and ``n`` the global count. Sums over a
-channel split across programs are combined by ``_combine_grad_sums_kernel`` in split order
-(no atomics), so gradients are bitwise reproducible.
+where the sums in ``dx`` are the all-reduced global ones and ``n`` the global count.
+
+The reduce kernel keeps per-lane sums in registers (fp32; fp64 for fp64 input) and folds them
+into float64 per-channel totals once every ``FLUSH_STEPS`` steps (one cross-thread reduction per
+32 steps: the issue cost of the reduction vanishes, and an fp32 lane never sums more than 32
+values, which keeps the gradients at torch's accuracy whatever the tensor size). Sums over a
+channel split across programs are float64 partials added by ``_combine_grad_sums_kernel`` in a
+fixed order (``SPLIT_BLOCK`` lanes, then one tree; no atomics), so gradients are bitwise
+reproducible. The dx kernel reduces nothing;
+launchers size its grid on their own.
 """
 
 import triton
 import triton.language as tl
 
 from .activation import activation_backward
-from .indexing import load_affine, split_elements, tile_offsets
+from .indexing import (
+    advance,
+    lane_offsets,
+    lanes,
+    load_affine,
+    split_bounds,
+    step_count,
+    step_mask,
+    step_pointers,
+    to_element_type,
+    widen,
+)
+
+# Steps between folds of the per-lane fp32 sums into the float64 totals (see the module docstring).
+FLUSH_STEPS = tl.constexpr(32)
 
 
 @triton.jit
 def _grad_before_activation(
-    dy, x, mean, invstd, weight, bias, residual_ptr, r_offsets, mask, negative_slope,
+    dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
     ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """``dy * act'(z)`` for ``z = (x - mean) * invstd * weight + bias (+ residual)``, recomputed."""
     if ACTIVATION != 0:
         z = (x - mean[:, None]) * (invstd * weight)[:, None] + bias[:, None]
         if residual_ptr is not None:
-            z += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+            z += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
         dy = activation_backward(z, dy, negative_slope, ACTIVATION)
     return dy
 
 
 @triton.jit
 def _store_grad_sums(sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd):
-    """Write ``sums_ptr[2, C]`` = (sum_dy, sum_dy_xhat) and, where given, the parameter grads."""
-    sum_dy_xhat = sum_dy_xmu * invstd
-    tl.store(sums_ptr + channels, sum_dy, mask=channel_mask)
-    tl.store(sums_ptr + C + channels, sum_dy_xhat, mask=channel_mask)
+    """Write ``sums_ptr[2, C]`` = (sum_dy, sum_dy_xhat) and, where given, the parameter grads, from
+    float64 sums."""
+    sum_dy_xhat = sum_dy_xmu * invstd.to(tl.float64)
+    tl.store(sums_ptr + channels, to_element_type(sum_dy, sums_ptr), mask=channel_mask)
+    tl.store(sums_ptr + C + channels, to_element_type(sum_dy_xhat, sums_ptr), mask=channel_mask)
     if grad_weight_ptr is not None:
-        tl.store(grad_weight_ptr + channels, sum_dy_xhat.to(grad_weight_ptr.dtype.element_ty), mask=channel_mask)
+        tl.store(grad_weight_ptr + channels, to_element_type(sum_dy_xhat, grad_weight_ptr), mask=channel_mask)
     if grad_bias_ptr is not None:
-        tl.store(grad_bias_ptr + channels, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=channel_mask)
+        tl.store(grad_bias_ptr + channels, to_element_type(sum_dy, grad_bias_ptr), mask=channel_mask)
 
 
 @triton.jit
@@ -56,14 +78,16 @@ def _backward_reduce_kernel(
     invstd_ptr,  # [C] ACC_DTYPE, saved by the forward
     weight_ptr,  # [C] or None; read only to recompute the activation's input
     bias_ptr,  # [C] or None; likewise
-    sums_ptr,  # FINAL_OUTPUT: ACC_DTYPE [2, C] (sum_dy, sum_dy_xhat); else [2, num_splits, C] (sum_dy, sum_dy_xmu)
+    sums_ptr,  # FINAL_OUTPUT: ACC_DTYPE [2, C] (sum_dy, sum_dy_xhat); else float64 [2, splits, C] (sum_dy, sum_dy_xmu)
     grad_weight_ptr,  # [C] weight's dtype or None; written only when FINAL_OUTPUT
     grad_bias_ptr,  # [C] bias's dtype or None; written only when FINAL_OUTPUT
-    C,
-    S,
-    M,  # channels, spatial size, elements per channel
-    chunk,  # elements per channel handled by one split
-    num_splits,  # programs per channel block along the element axis (grid axis 1)
+    C,  # channels
+    N,  # samples of the view
+    S,  # spatial size of the view
+    chunk_n,  # samples per split (a multiple of BLOCK_N)
+    chunk_s,  # spatial positions per split (a multiple of BLOCK_S)
+    s_splits,  # splits along S per split along N
+    num_splits,  # splits in all (grid axis 1)
     negative_slope,  # float: leaky_relu's slope
     stride_dyn,
     stride_dyc,
@@ -78,52 +102,66 @@ def _backward_reduce_kernel(
     ACC_DTYPE: tl.constexpr,
     FINAL_OUTPUT: tl.constexpr,  # num_splits == 1: write the final sums (and grads) directly
     BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
-    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_S: tl.constexpr,  # spatial positions per step
+    INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
+    VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    SAME_STRIDES: tl.constexpr,  # dy (and residual) strided like x: one set of offsets (fewer registers)
 ):
-    pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if SAME_STRIDES:
+        stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
+        stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
     weight, bias = load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE)
 
-    start = pid_split * chunk
-    end = tl.minimum(start + chunk, M)
-    acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC_DTYPE)
-    acc_dy_xmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC_DTYPE)
-    for block_start in range(start, end, BLOCK_M):
-        elements = block_start + tl.arange(0, BLOCK_M)
-        mask = channel_mask[:, None] & (elements < end)[None, :]
-        sample, spatial = split_elements(elements, S, INT64)
-        dy_offsets = tile_offsets(channels, sample, spatial, stride_dyn, stride_dyc, stride_dys, INT64, SPATIAL_VEC)
-        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64, SPATIAL_VEC)
-        dy = _grad_before_activation(
-            dy, x, mean, invstd, weight, bias, residual_ptr, r_offsets, mask, negative_slope, ACTIVATION, ACC_DTYPE
-        )
-        acc_dy += dy
-        acc_dy_xmu += tl.where(mask, dy * (x - mean[:, None]), 0.0)
-    sum_dy = tl.sum(acc_dy, axis=1)
-    sum_dy_xmu = tl.sum(acc_dy_xmu, axis=1)
+    n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
+    lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
+    dy_offsets = lane_offsets(channels, lane_n, lane_s, stride_dyn, stride_dyc, stride_dys, INT64)
+    x_offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    steps = step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)
+    total_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
+    total_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float64)
+    n0 = n_lo
+    s0 = s_lo
+    for first in range(0, steps, FLUSH_STEPS):
+        acc_dy = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
+        acc_dy_xmu = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
+        for _ in range(first, tl.minimum(first + FLUSH_STEPS, steps)):
+            mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
+            dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC)
+            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)
+            dy = widen(tl.load(dy_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            r_pointers = r_offsets  # unused without a residual
+            if residual_ptr is not None:
+                r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+            dy = _grad_before_activation(
+                dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
+                ACTIVATION, ACC_DTYPE,
+            )  # fmt: skip
+            acc_dy += dy
+            acc_dy_xmu += dy * (x - mean[:, None])  # masked lanes: dy = 0, x = 0, mean finite -> 0
+            n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
+        total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
+        total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)
 
     if FINAL_OUTPUT:
         _store_grad_sums(
-            sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd
+            sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, total_dy, total_dy_xmu, invstd
         )
     else:
-        partial = pid_split * C + channels
-        tl.store(sums_ptr + partial, sum_dy, mask=channel_mask)
-        tl.store(sums_ptr + num_splits * C + partial, sum_dy_xmu, mask=channel_mask)
+        partial = tl.program_id(1) * C + channels
+        tl.store(sums_ptr + partial, total_dy, mask=channel_mask)
+        tl.store(sums_ptr + num_splits * C + partial, total_dy_xmu, mask=channel_mask)
 
 
 @triton.jit
 def _combine_grad_sums_kernel(
-    partials_ptr,  # ACC_DTYPE [2, num_splits, C]: per split (sum_dy, sum_dy_xmu)
+    partials_ptr,  # float64 [2, num_splits, C]: per split (sum_dy, sum_dy_xmu)
     invstd_ptr,  # [C] ACC_DTYPE
     sums_ptr,  # ACC_DTYPE [2, C] written: (sum_dy, sum_dy_xhat)
     grad_weight_ptr,  # [C] or None
@@ -132,16 +170,23 @@ def _combine_grad_sums_kernel(
     num_splits,  # splits to add up
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,  # splits added per step: a serial loop of cdiv(num_splits, SPLIT_BLOCK) steps
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    sum_dy_xmu = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    for split in range(num_splits):  # fixed order: bitwise reproducible
-        sum_dy += tl.load(partials_ptr + split * C + channels, mask=channel_mask, other=0.0)
-        sum_dy_xmu += tl.load(partials_ptr + (num_splits + split) * C + channels, mask=channel_mask, other=0.0)
+    sum_dy = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    sum_dy_xmu = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    for first in range(0, num_splits, SPLIT_BLOCK):  # fixed shapes and order: bitwise reproducible
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        mask = (splits < num_splits)[:, None] & channel_mask[None, :]
+        offsets = splits[:, None] * C + channels[None, :]
+        sum_dy += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+        sum_dy_xmu += tl.load(partials_ptr + num_splits * C + offsets, mask=mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
-    _store_grad_sums(sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd)
+    _store_grad_sums(
+        sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, tl.sum(sum_dy, axis=0),
+        tl.sum(sum_dy_xmu, axis=0), invstd,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -157,10 +202,12 @@ def _backward_dx_kernel(
     bias_ptr,  # [C] or None; read only to recompute the activation's input
     sums_ptr,  # BATCH_STATS: ACC_DTYPE [2, C] global (sum_dy, sum_dy_xhat)
     count_ptr,  # BATCH_STATS: float64 [C] global element count per channel
-    C,
-    S,
-    M,
-    chunk,
+    C,  # channels
+    N,  # samples of the view
+    S,  # spatial size of the view
+    chunk_n,  # samples per split (a multiple of BLOCK_N)
+    chunk_s,  # spatial positions per split (a multiple of BLOCK_S)
+    s_splits,  # splits along S per split along N
     negative_slope,  # float: leaky_relu's slope
     stride_dyn,
     stride_dyc,
@@ -178,13 +225,17 @@ def _backward_dx_kernel(
     ACTIVATION: tl.constexpr,  # the forward's activation (kernels/activation.py)
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
-    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_S: tl.constexpr,  # spatial positions per step
+    INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
+    VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    SAME_STRIDES: tl.constexpr,  # dy, dx (and residual) strided like x: one set of offsets (fewer registers)
 ):
-    pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if SAME_STRIDES:
+        stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
+        stride_dxn, stride_dxc, stride_dxs = stride_xn, stride_xc, stride_xs
+        stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
@@ -195,28 +246,37 @@ def _backward_dx_kernel(
         mean_dy = (tl.load(sums_ptr + channels, mask=channel_mask, other=0.0) / count).to(ACC_DTYPE)
         mean_dy_xhat = (tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0) / count).to(ACC_DTYPE)
 
-    start = pid_split * chunk
-    end = tl.minimum(start + chunk, M)
-    for block_start in range(start, end, BLOCK_M):
-        elements = block_start + tl.arange(0, BLOCK_M)
-        mask = channel_mask[:, None] & (elements < end)[None, :]
-        sample, spatial = split_elements(elements, S, INT64)
-        dy_offsets = tile_offsets(channels, sample, spatial, stride_dyn, stride_dyc, stride_dys, INT64, SPATIAL_VEC)
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
+    n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
+    lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
+    dy_offsets = lane_offsets(channels, lane_n, lane_s, stride_dyn, stride_dyc, stride_dys, INT64)
+    x_offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    dx_offsets = lane_offsets(channels, lane_n, lane_s, stride_dxn, stride_dxc, stride_dxs, INT64)
+    r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    n0 = n_lo
+    s0 = s_lo
+    for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
+        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
+        dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC), mask=mask, other=0.0)
+        dy = widen(dy, ACC_DTYPE)
         if BATCH_STATS or ACTIVATION != 0:
-            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64, SPATIAL_VEC)
+            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)
+            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
+        r_pointers = r_offsets  # unused without a residual
+        if residual_ptr is not None:
+            r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
         if ACTIVATION != 0:
             dy = _grad_before_activation(
-                dy, x, mean, invstd, weight, bias, residual_ptr, r_offsets, mask, negative_slope, ACTIVATION, ACC_DTYPE
-            )
+                dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
+                ACTIVATION, ACC_DTYPE,
+            )  # fmt: skip
         if grad_residual_ptr is not None:
-            tl.store(grad_residual_ptr + r_offsets, dy.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+            gr_pointers = step_pointers(grad_residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+            tl.store(gr_pointers, dy.to(grad_residual_ptr.dtype.element_ty), mask=mask)
         if dx_ptr is not None:
             if BATCH_STATS:
                 xhat = (x - mean[:, None]) * invstd[:, None]
                 dy = dy - mean_dy[:, None] - xhat * mean_dy_xhat[:, None]
             dx = dy * scale[:, None]
-            dx_offsets = tile_offsets(channels, sample, spatial, stride_dxn, stride_dxc, stride_dxs, INT64, SPATIAL_VEC)
-            tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx_pointers = step_pointers(dx_ptr, dx_offsets, n0, s0, stride_dxn, stride_dxs, VEC)
+            tl.store(dx_pointers, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)

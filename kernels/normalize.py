@@ -2,27 +2,93 @@
 then (optionally) add a residual and apply an activation, all in one pass.
 
 Every program finalizes mean and invstd for its channel block itself (O(BLOCK_C) work), so no
-separate finalize launch is needed. The programs of split 0 also write mean/invstd for backward
-and, when asked, update the running statistics on the device: momentum (or ``1 /
-num_batches_tracked`` for the cumulative average) is read on the device, and a global batch of
-zero elements leaves the running statistics untouched, with no host synchronization.
+separate finalize launch is needed. The programs of split 0 write mean/invstd for backward and
+update the running statistics of their channels; program (0, 0) bumps ``num_batches_tracked`` on
+the device, so the forward needs no separate launch for it. The cumulative average
+(``1 / num_batches_tracked`` after the increment) reads the counter, so in that mode program
+(0, 0) alone updates every channel, then bumps it: no program reads it half-updated. Momentum
+is applied in float64; a global batch of zero elements leaves the running statistics untouched, with no host
+synchronization. The element loop walks the program's rectangle of the (sample, spatial) plane
+like every streaming kernel (see ``indexing.py``); this kernel reduces nothing, so launchers
+size its grid on their own.
 """
 
 import triton
 import triton.language as tl
 
 from .activation import apply_activation
-from .indexing import load_affine, split_elements, tile_offsets
+from .indexing import (
+    advance,
+    lane_offsets,
+    lanes,
+    load_affine,
+    split_bounds,
+    step_count,
+    step_mask,
+    step_pointers,
+    to_element_type,
+    widen,
+)
 
 
 @triton.jit
-def _to_element_type(value, pointer):
-    """Cast float64 ``value`` to ``pointer``'s element type, through float32 below float64:
-    a direct float64 -> bfloat16 conversion is not supported everywhere (Triton's interpreter
-    writes zeros)."""
-    if pointer.dtype.element_ty == tl.float64:
-        return value
-    return value.to(tl.float32).to(pointer.dtype.element_ty)
+def _batch_moments(stats_ptr, channels, channel_mask, C):
+    """float64 ``(count, mean, M2)`` ``[BLOCK_C]`` from the packed global statistics."""
+    count = tl.load(stats_ptr + channels, mask=channel_mask, other=0.0)
+    total = tl.load(stats_ptr + C + channels, mask=channel_mask, other=0.0)
+    total_sq = tl.load(stats_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
+    mean = total / tl.maximum(count, 1.0)
+    # Clamp rounding below zero, but keep NaN (Inf or NaN in the channel): tl.maximum drops it.
+    m2 = total_sq - total * mean
+    m2 = tl.where(m2 < 0.0, 0.0, m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _update_channels(stats_ptr, running_mean_ptr, running_var_ptr, channels, channel_mask, factor, C):
+    """The momentum update of ``channels``' running statistics with the float64 ``factor``."""
+    count, mean, m2 = _batch_moments(stats_ptr, channels, channel_mask, C)
+    update = channel_mask & (count > 0.0)
+    old_mean = tl.load(running_mean_ptr + channels, mask=update, other=0.0).to(tl.float64)
+    old_var = tl.load(running_var_ptr + channels, mask=update, other=0.0).to(tl.float64)
+    unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+    new_mean = to_element_type(old_mean + factor * (mean - old_mean), running_mean_ptr)
+    new_var = to_element_type(old_var + factor * (unbiased_var - old_var), running_var_ptr)
+    tl.store(running_mean_ptr + channels, new_mean, mask=update)
+    tl.store(running_var_ptr + channels, new_var, mask=update)
+
+
+@triton.jit
+def _update_running_stats(
+    stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C, channels, channel_mask,
+    CUMULATIVE: tl.constexpr,
+):  # fmt: skip
+    """Running statistics and ``num_batches_tracked``, without a race on the counter.
+
+    With a fixed momentum, the split-0 program of each channel block updates its own channels
+    and program (0, 0) bumps the counter. The cumulative average reads the counter, so there
+    program (0, 0) alone updates every channel (``UPDATE_BLOCK`` at a time) before bumping it."""
+    UPDATE_BLOCK: tl.constexpr = 1024
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    if CUMULATIVE:
+        if first:
+            batches = tl.load(num_batches_ptr) + 1
+            factor = 1.0 / batches.to(tl.float64)
+            if running_mean_ptr is not None:
+                for block in range(0, tl.cdiv(C, UPDATE_BLOCK)):
+                    block_channels = block * UPDATE_BLOCK + tl.arange(0, UPDATE_BLOCK)
+                    _update_channels(
+                        stats_ptr, running_mean_ptr, running_var_ptr, block_channels, block_channels < C, factor, C
+                    )
+            tl.store(num_batches_ptr, batches)
+    else:
+        if running_mean_ptr is not None:
+            if tl.program_id(1) == 0:
+                factor = tl.zeros([], dtype=tl.float64) + momentum
+                _update_channels(stats_ptr, running_mean_ptr, running_var_ptr, channels, channel_mask, factor, C)
+        if num_batches_ptr is not None:
+            if first:
+                tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)
 
 
 @triton.jit
@@ -35,16 +101,18 @@ def _normalize_kernel(
     stats_ptr,  # BATCH_STATS: float64 [3, C] global (count, sum, sum of squares)
     mean_ptr,  # [C] ACC_DTYPE, written: the mean used (saved for backward)
     invstd_ptr,  # [C] ACC_DTYPE, written: 1 / sqrt(var + eps) used (saved for backward)
-    running_mean_ptr,  # [C]: read when not BATCH_STATS, updated when UPDATE_RUNNING
+    running_mean_ptr,  # [C]: read when not BATCH_STATS; with BATCH_STATS updated in place, or None
     running_var_ptr,  # [C]: likewise; holds the unbiased variance
-    num_batches_ptr,  # int64 scalar, read when CUMULATIVE (momentum = 1 / num_batches_tracked)
+    num_batches_ptr,  # int64 scalar incremented (BATCH_STATS), or None
     momentum,  # float: exponential average factor when not CUMULATIVE
     eps,  # float
     negative_slope,  # float: leaky_relu's slope (ACTIVATION == 2)
-    C,
-    S,
-    M,  # channels, spatial size, elements per channel
-    chunk,  # elements per channel handled by one split
+    C,  # channels
+    N,  # samples of the view
+    S,  # spatial size of the view
+    chunk_n,  # samples per split (a multiple of BLOCK_N)
+    chunk_s,  # spatial positions per split (a multiple of BLOCK_S)
+    s_splits,  # splits along S per split along N
     stride_xn,
     stride_xc,
     stride_xs,
@@ -55,50 +123,35 @@ def _normalize_kernel(
     stride_rc,
     stride_rs,
     BATCH_STATS: tl.constexpr,  # normalize with the batch statistics (else the running ones)
-    UPDATE_RUNNING: tl.constexpr,  # update running_mean / running_var in place
-    CUMULATIVE: tl.constexpr,  # momentum=None: cumulative moving average
+    CUMULATIVE: tl.constexpr,  # momentum=None: cumulative moving average, 1 / num_batches_tracked
     ACTIVATION: tl.constexpr,  # 0 identity, 1 relu, 2 leaky_relu, 3 silu (kernels/activation.py)
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
-    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_S: tl.constexpr,  # spatial positions per step
+    INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
+    VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    SAME_STRIDES: tl.constexpr,  # y (and residual) strided like x: one set of offsets (fewer registers)
 ):
+    if SAME_STRIDES:
+        stride_yn, stride_yc, stride_ys = stride_xn, stride_xc, stride_xs
+        stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
     channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
 
     if BATCH_STATS:
-        count = tl.load(stats_ptr + channels, mask=channel_mask, other=0.0)
-        total = tl.load(stats_ptr + C + channels, mask=channel_mask, other=0.0)
-        total_sq = tl.load(stats_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
-        safe_count = tl.maximum(count, 1.0)
-        mean64 = total / safe_count
-        m2 = tl.maximum(total_sq - total * mean64, 0.0)
-        var64 = m2 / safe_count
+        count, mean64, m2 = _batch_moments(stats_ptr, channels, channel_mask, C)
         mean = mean64.to(ACC_DTYPE)
-        invstd = (1.0 / tl.sqrt(var64 + eps)).to(ACC_DTYPE)
-        if UPDATE_RUNNING:
-            if pid_split == 0:
-                factor = tl.zeros([BLOCK_C], dtype=tl.float64)
-                if CUMULATIVE:
-                    factor += 1.0 / tl.load(num_batches_ptr).to(tl.float64)
-                else:
-                    factor += momentum
-                update = channel_mask & (count > 0.0)
-                old_mean = tl.load(running_mean_ptr + channels, mask=update, other=0.0).to(tl.float64)
-                old_var = tl.load(running_var_ptr + channels, mask=update, other=0.0).to(tl.float64)
-                unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
-                new_mean = old_mean + factor * (mean64 - old_mean)
-                new_var = old_var + factor * (unbiased_var - old_var)
-                new_mean = _to_element_type(new_mean, running_mean_ptr)
-                new_var = _to_element_type(new_var, running_var_ptr)
-                tl.store(running_mean_ptr + channels, new_mean, mask=update)
-                tl.store(running_var_ptr + channels, new_var, mask=update)
+        invstd = (1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)).to(ACC_DTYPE)
+        _update_running_stats(
+            stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C, channels, channel_mask,
+            CUMULATIVE,
+        )  # fmt: skip
     else:
-        mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
-        var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(ACC_DTYPE)
+        mean = widen(tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0), ACC_DTYPE)
+        var = widen(tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0), ACC_DTYPE)
         invstd = 1.0 / tl.sqrt(var + eps)
     if pid_split == 0:
         tl.store(mean_ptr + channels, mean, mask=channel_mask)
@@ -107,19 +160,22 @@ def _normalize_kernel(
     weight, shift = load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE)
     scale = invstd * weight
 
-    start = pid_split * chunk
-    end = tl.minimum(start + chunk, M)
-    for block_start in range(start, end, BLOCK_M):
-        elements = block_start + tl.arange(0, BLOCK_M)
-        mask = channel_mask[:, None] & (elements < end)[None, :]
-        sample, spatial = split_elements(elements, S, INT64)
-        x_offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
-        y_offsets = tile_offsets(channels, sample, spatial, stride_yn, stride_yc, stride_ys, INT64, SPATIAL_VEC)
-        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
+    lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
+    x_offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    y_offsets = lane_offsets(channels, lane_n, lane_s, stride_yn, stride_yc, stride_ys, INT64)
+    r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    n0 = n_lo
+    s0 = s_lo
+    for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
+        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
+        x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=0.0)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
-        y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+        y = (widen(x, ACC_DTYPE) - mean[:, None]) * scale[:, None] + shift[:, None]
         if residual_ptr is not None:
-            r_offsets = tile_offsets(channels, sample, spatial, stride_rn, stride_rc, stride_rs, INT64, SPATIAL_VEC)
-            y += tl.load(residual_ptr + r_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+            r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+            y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
         y = apply_activation(y, negative_slope, ACTIVATION)
-        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y_pointers = step_pointers(y_ptr, y_offsets, n0, s0, stride_yn, stride_ys, VEC)
+        tl.store(y_pointers, y.to(y_ptr.dtype.element_ty), mask=mask)
+        n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)

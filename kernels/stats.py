@@ -3,136 +3,146 @@
 Output contract (what the distributed all-reduce sums): a float64 ``[3, C]`` tensor with, per
 channel, the element count, the sum and the sum of squares of the local input,
 
-    count_c = n,   sum_c = n * mean,   sumsq_c = M2 + n * mean**2,
+    count_c = n,   sum_c = n * mean,   sumsq_c = M2 + n * mean**2.
 
-where ``mean`` and ``M2`` (sum of squared deviations) come from a Welford/Chan merge in the
-accumulation dtype (fp32, fp64 for fp64 input). Raw sums of x and x**2 are never accumulated in
-fp32: each block's values are shifted by the channel's first element (the *pilot*) so block sums
-stay small when |mean| >> std, each block is centred on its own mean before squaring, and blocks
-are merged with Chan's formula. Only the final, exactly merged moments are expanded into sums,
-in float64, where ``sumsq - sum**2 / count`` keeps a relative error near
-``2**-53 * (1 + mean**2 / var)`` (< 1e-8 for |mean| / std <= 1e4).
+Accumulation: every value is shifted by its channel's first element, the *pilot* ``p`` (so sums
+stay small when |mean| >> std), and each lane of the ``[BLOCK_C, BLOCK_M]`` tile keeps its own
+running ``sum(x - p)`` and ``sum((x - p)**2)`` in registers (fp32; fp64 for fp64 input): one
+subtract, one add and one fused multiply-add per element, no reduction across threads inside
+the loop. After the loop the lanes are reduced once, in float64, and the moments
 
-When a channel is split over several programs (``num_splits > 1``), each program writes its
-(pilot-shifted mean, M2) to a partial buffer and ``_combine_stats_kernel`` merges the splits in
-index order, so results are bitwise reproducible (no atomics).
+    mean = p + S1 / n,   M2 = S2 - S1**2 / n      (S1, S2: the shifted sums)
+
+are formed in float64. With a pilot drawn from the data, |mean - p| is a few standard
+deviations, so S2 - S1**2 / n loses only a few bits; the mean keeps torch's accuracy on
+ordinary data and the variance stays exact to ~1e-6 relative even for |mean| / std = 1e4.
+
+Splits of a channel (``num_splits > 1``) share the pilot, so their shifted sums simply add:
+each writes float64 ``(count, S1, S2)`` partials and ``_combine_stats_kernel`` adds them in a
+fixed order (a lane per split, ``SPLIT_BLOCK`` splits per step, one tree at the end; no
+atomics): bitwise reproducible, and at most ``cdiv(splits, SPLIT_BLOCK)`` serial steps.
 """
 
 import triton
 import triton.language as tl
 
-from .indexing import split_elements, tile_offsets
+from .indexing import advance, lane_offsets, lanes, split_bounds, step_count, step_mask, step_pointers, widen
 
 
 @triton.jit
-def _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_mean, m2, pilot):
-    """Write (count, sum, sum of squares) as float64 rows of ``out_ptr[3, C]``."""
-    count = count.to(tl.float64)
-    mean = pilot.to(tl.float64) + shifted_mean.to(tl.float64)
-    tl.store(out_ptr + channels, tl.zeros_like(mean) + count, mask=channel_mask)
-    tl.store(out_ptr + C + channels, count * mean, mask=channel_mask)
-    tl.store(out_ptr + 2 * C + channels, m2.to(tl.float64) + count * mean * mean, mask=channel_mask)
-
-
-@triton.jit
-def _load_pilot(x_ptr, channels, channel_mask, M, stride_xc, ACC_DTYPE: tl.constexpr, INT64: tl.constexpr):
+def _load_pilot(x_ptr, channels, channel_mask, N, S, stride_xc, ACC_DTYPE: tl.constexpr, INT64: tl.constexpr):
     """The first local element of each channel ``[BLOCK_C]`` (0 when the local batch is empty)."""
     if INT64:
         channels = channels.to(tl.int64)
-    nonempty = (M + 0 * channels) > 0  # a tensor, so that masks combine the same way everywhere
-    pilot = tl.load(x_ptr + channels * stride_xc, mask=channel_mask & nonempty, other=0.0)
-    return pilot.to(ACC_DTYPE)
+    nonempty = (N * S + 0 * channels) > 0  # a tensor, so that masks combine the same way everywhere
+    pilot = tl.load(x_ptr + channels * stride_xc, mask=channel_mask & nonempty, other=0.0).to(ACC_DTYPE)
+    # A non-finite pilot would turn every shifted value into NaN (inf - inf); shift by 0 instead,
+    # so the channel's statistics are Inf or NaN exactly as torch's are.
+    return tl.where(tl.abs(pilot) < float("inf"), pilot, 0.0)
+
+
+@triton.jit
+def _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot):
+    """Write (count, sum, sum of squares) as float64 rows of ``out_ptr[3, C]`` from float64
+    shifted sums of ``count`` values."""
+    safe_count = tl.maximum(count, 1.0)
+    shifted_mean = shifted_sum / safe_count
+    m2 = shifted_sumsq - shifted_sum * shifted_mean
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding only; NaN (non-finite input) stays NaN
+    mean = pilot.to(tl.float64) + shifted_mean
+    tl.store(out_ptr + channels, count, mask=channel_mask)
+    tl.store(out_ptr + C + channels, count * mean, mask=channel_mask)
+    tl.store(out_ptr + 2 * C + channels, m2 + count * mean * mean, mask=channel_mask)
 
 
 @triton.jit
 def _partial_stats_kernel(
     x_ptr,  # input viewed as [N, C, S], any floating dtype
-    out_ptr,  # PACKED_OUTPUT: float64 [3, C] packed stats; else ACC_DTYPE [2, num_splits, C] (mean, M2)
+    out_ptr,  # PACKED_OUTPUT: float64 [3, C] packed stats; else float64 [3, num_splits, C] (count, S1, S2)
     C,  # channels
-    S,  # spatial size (product of the dims after C; 1 for 2-D input)
-    M,  # elements per channel, N * S
-    chunk,  # elements per channel handled by one split (a multiple of BLOCK_M)
-    num_splits,  # programs per channel block along the element axis (grid axis 1)
+    N,  # samples (rows) of the view
+    S,  # spatial size (1 for 2-D input and for collapsed channels_last views)
+    chunk_n,  # samples per split (a multiple of BLOCK_N)
+    chunk_s,  # spatial positions per split (a multiple of BLOCK_S)
+    s_splits,  # splits along S per split along N
+    num_splits,  # splits in all (grid axis 1)
     stride_xn,
     stride_xc,
     stride_xs,  # strides of the [N, C, S] view of x, in elements
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 input
     PACKED_OUTPUT: tl.constexpr,  # num_splits == 1: write the final packed stats directly
     BLOCK_C: tl.constexpr,  # channels per program
-    BLOCK_M: tl.constexpr,  # elements per channel per loop step
-    INT64: tl.constexpr,  # widen offsets to 64 bits (tensors of 2**31 elements or more)
-    SPATIAL_VEC: tl.constexpr,  # >1: aligned runs of this many spatial elements are contiguous
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_S: tl.constexpr,  # spatial positions per step
+    INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
+    VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
 ):
-    pid_c = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
-    pilot = _load_pilot(x_ptr, channels, channel_mask, M, stride_xc, ACC_DTYPE, INT64)
+    pilot = _load_pilot(x_ptr, channels, channel_mask, N, S, stride_xc, ACC_DTYPE, INT64)
+    n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
+    lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
+    offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    pilot_x = pilot.to(x_ptr.dtype.element_ty)[:, None]  # exact: the pilot is an element of x (or 0)
 
-    start = pid_split * chunk
-    end = tl.minimum(start + chunk, M)
-    count = tl.zeros([], dtype=tl.int64)
-    mean = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    for block_start in range(start, end, BLOCK_M):
-        elements = block_start + tl.arange(0, BLOCK_M)
-        element_mask = elements < end
-        sample, spatial = split_elements(elements, S, INT64)
-        offsets = tile_offsets(channels, sample, spatial, stride_xn, stride_xc, stride_xs, INT64, SPATIAL_VEC)
-        mask = channel_mask[:, None] & element_mask[None, :]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        x = tl.where(mask, x - pilot[:, None], 0.0)
+    # Per-lane shifted sums: no cross-thread reduction inside the loop.
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
+    acc_sumsq = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
+    n0 = n_lo
+    s0 = s_lo
+    for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
+        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
+        # Masked lanes read the pilot itself, so they add exactly zero (no select per element).
+        x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=pilot_x)
+        shifted = widen(x, ACC_DTYPE) - pilot[:, None]
+        acc_sum += shifted
+        acc_sumsq += shifted * shifted
+        n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
 
-        block_count = tl.minimum(end - block_start, BLOCK_M).to(tl.int64)
-        block_mean = tl.sum(x, axis=1) / block_count.to(ACC_DTYPE)
-        centered = tl.where(mask, x - block_mean[:, None], 0.0)
-        block_m2 = tl.sum(centered * centered, axis=1)
-
-        # Chan et al. merge of (count, mean, m2) with the block's moments.
-        merged_count = count + block_count
-        block_fraction = block_count.to(ACC_DTYPE) / merged_count.to(ACC_DTYPE)
-        delta = block_mean - mean
-        mean += delta * block_fraction
-        m2 += block_m2 + delta * delta * (count.to(ACC_DTYPE) * block_fraction)
-        count = merged_count
-
+    count = (tl.maximum(n_hi - n_lo, 0).to(tl.float64) * tl.maximum(s_hi - s_lo, 0).to(tl.float64)) + tl.zeros(
+        [BLOCK_C], dtype=tl.float64
+    )
+    shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)  # the one reduction, in float64
+    shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
     if PACKED_OUTPUT:
-        _store_packed_stats(out_ptr, channels, channel_mask, C, count, mean, m2, pilot)
+        _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
     else:
-        partial = pid_split * C + channels
-        tl.store(out_ptr + partial, mean, mask=channel_mask)
-        tl.store(out_ptr + num_splits * C + partial, m2, mask=channel_mask)
+        partial = tl.program_id(1) * C + channels
+        tl.store(out_ptr + partial, count, mask=channel_mask)
+        tl.store(out_ptr + num_splits * C + partial, shifted_sum, mask=channel_mask)
+        tl.store(out_ptr + 2 * num_splits * C + partial, shifted_sumsq, mask=channel_mask)
 
 
 @triton.jit
 def _combine_stats_kernel(
-    partials_ptr,  # ACC_DTYPE [2, num_splits, C]: per split pilot-shifted mean and M2
+    partials_ptr,  # float64 [3, num_splits, C]: per split count and pilot-shifted sums S1, S2
     x_ptr,  # the input, only read for each channel's pilot element
     out_ptr,  # float64 [3, C] packed stats
     C,  # channels
-    M,  # elements per channel
-    chunk,  # elements per split
-    num_splits,  # splits to merge
+    N,  # samples of the view
+    S,  # spatial size of the view
+    num_splits,  # splits to add up
     stride_xc,  # channel stride of x
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,  # splits added per step: a serial loop of cdiv(num_splits, SPLIT_BLOCK) steps
     INT64: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
-    pilot = _load_pilot(x_ptr, channels, channel_mask, M, stride_xc, ACC_DTYPE, INT64)
-    count = tl.zeros([], dtype=tl.int64)
-    mean = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    # A fixed merge order over the splits keeps the result bitwise reproducible.
-    for split in range(num_splits):
-        split_count = tl.maximum(tl.minimum(M - split * chunk, chunk), 0).to(tl.int64)
-        split_mean = tl.load(partials_ptr + split * C + channels, mask=channel_mask, other=0.0)
-        split_m2 = tl.load(partials_ptr + (num_splits + split) * C + channels, mask=channel_mask, other=0.0)
-        merged_count = count + split_count
-        split_fraction = split_count.to(ACC_DTYPE) / tl.maximum(merged_count, 1).to(ACC_DTYPE)
-        delta = split_mean - mean
-        mean += delta * split_fraction
-        m2 += split_m2 + delta * delta * (count.to(ACC_DTYPE) * split_fraction)
-        count = merged_count
-    _store_packed_stats(out_ptr, channels, channel_mask, C, count, mean, m2, pilot)
+    pilot = _load_pilot(x_ptr, channels, channel_mask, N, S, stride_xc, ACC_DTYPE, INT64)
+    count = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    shifted_sum = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    shifted_sumsq = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
+    # Fixed shapes and order (a lane per split, then one tree over the lanes): bitwise reproducible.
+    for first in range(0, num_splits, SPLIT_BLOCK):
+        splits = first + tl.arange(0, SPLIT_BLOCK)
+        mask = (splits < num_splits)[:, None] & channel_mask[None, :]
+        offsets = splits[:, None] * C + channels[None, :]
+        count += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+        shifted_sum += tl.load(partials_ptr + num_splits * C + offsets, mask=mask, other=0.0)
+        shifted_sumsq += tl.load(partials_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0)
+    _store_packed_stats(
+        out_ptr, channels, channel_mask, C, tl.sum(count, axis=0), tl.sum(shifted_sum, axis=0),
+        tl.sum(shifted_sumsq, axis=0), pilot,
+    )  # fmt: skip

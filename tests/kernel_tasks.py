@@ -7,12 +7,9 @@ both results for the test process to hold against float64 references.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from triton_syncbn import launchers, torch_path
 from triton_syncbn.kernels import INTERPRETED
@@ -20,6 +17,8 @@ from triton_syncbn.kernels.activation import ACTIVATION_CODES
 from triton_syncbn.layout import channel_view, empty_output_like
 
 NEGATIVE_SLOPE = 0.1
+# num_batches_tracked before the forward; normalize increments it (cumulative factor 1 / 3).
+NUM_BATCHES_BEFORE = 2
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class KernelCase:
     seed: int = 0
     activation: str | None = None  # fused activation
     residual: str | None = None  # fused residual's layout: None, "same" or "contiguous"
-    tuned: bool = False  # launch through the autotuned variants (each narrowed to one config)
+    programs: int | None = None  # launchers' own tiling aimed at this many programs (e.g. a GPU's 4 x 132)
 
     @property
     def id(self) -> str:
@@ -44,7 +43,7 @@ class KernelCase:
         shape = "x".join(map(str, self.shape))
         fused = f"-{self.activation}" if self.activation else ""
         fused += f"-residual_{self.residual}" if self.residual else ""
-        fused += "-tuned" if self.tuned else ""
+        fused += f"-programs_{self.programs}" if self.programs else ""
         return f"{shape}-{str(self.dtype)[6:]}-{self.layout}-dy_{self.grad_layout}-{tiles}-{self.mode}-{params}{fused}"
 
 
@@ -92,39 +91,6 @@ def _tiling(case: KernelCase, view: torch.Tensor) -> launchers.Tiling | None:
     return launchers.Tiling.split(view, *case.tiles)
 
 
-@contextlib.contextmanager
-def autotuned_launches() -> Iterator[None]:
-    """Make the launchers take their autotuned path, as on a GPU, in this (interpreter) process.
-
-    The interpreter cannot benchmark, so each tuner is rebuilt around one of its own configs
-    (the first that fits); everything else, grid lambdas, META block sizes, restore_value and
-    the chunking for tuned splits, runs as on a GPU. Restored on exit.
-    """
-    from triton_syncbn.kernels import autotune
-
-    original_tuned = {name: dict(variants) for name, variants in autotune.TUNED.items()}
-    original_plan = launchers.plan
-
-    def tuned_plan(view: torch.Tensor, tiling: launchers.Tiling | None) -> launchers.Plan:
-        chosen = original_plan(view, tiling)
-        heuristic = chosen.tiling
-        split = launchers.Tiling.split(view, heuristic.block_c, autotune.MAX_BLOCK_M, heuristic.splits)
-        return launchers.Plan(split, True, chosen.layout)
-
-    try:
-        for name, variants in autotune.TUNED.items():
-            for layout, tuner in variants.items():
-                restore = ["running_mean_ptr", "running_var_ptr"] if name.endswith("_update") else []
-                config = tuner.configs[0]
-                variants[layout] = triton.autotune(configs=[config], key=autotune.KEY, restore_value=restore)(tuner.fn)
-        launchers.plan = tuned_plan
-        yield
-    finally:
-        launchers.plan = original_plan
-        for name, variants in original_tuned.items():
-            autotune.TUNED[name].update(variants)
-
-
 def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
     """Both backends on the same inputs; rank 0 of the cluster only."""
     import torch.distributed as dist
@@ -133,9 +99,6 @@ def run_kernel_case(case: KernelCase) -> dict[str, object] | None:
         return None
     if not INTERPRETED:
         raise RuntimeError("run_kernel_case needs a worker started with TRITON_INTERPRET=1")
-    if case.tuned:
-        with autotuned_launches():
-            return _run_kernel_case(case)
     return _run_kernel_case(case)
 
 
@@ -160,22 +123,25 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
     tiling = _tiling(case, x_view)
     results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
     for name, backend in (("triton", launchers), ("torch", torch_path)):
+        options = {"tiling": tiling}
+        if name == "triton" and case.programs:
+            options["dispatch"] = launchers.Dispatch(programs=case.programs)
         running_mean = inputs["running_mean"].to(parameter_dtype(case), copy=True)  # each backend its own
         running_var = inputs["running_var"].to(parameter_dtype(case), copy=True)
-        num_batches = torch.tensor(3, dtype=torch.int64)
-        stats = backend.partial_stats(x_view, tiling)
+        num_batches = torch.tensor(NUM_BATCHES_BEFORE, dtype=torch.int64)
+        stats = backend.partial_stats(x_view, **options)
         output, output_view = empty_output_like(x)
         output.fill_(float("nan"))
         batch = case.mode != "running"
         mean, invstd = backend.normalize(
             x_view, output_view, weight, bias, stats if batch else None, running_mean, running_var,
-            num_batches if case.mode == "cumulative" else None, 0.25, 1e-3, residual=residual_view, **epilogue,
-            tiling=tiling,
+            num_batches, None if case.mode == "cumulative" else 0.25, 1e-3, residual=residual_view, **epilogue,
+            **options,
         )  # fmt: skip
         sums, grad_weight, grad_bias = backend.backward_reduce(
             dy_view, x_view, mean, invstd, None if weight is None else weight.dtype,
             None if bias is None else bias.dtype, weight=weight, bias=bias, residual=residual_view, **epilogue,
-            tiling=tiling,
+            **options,
         )  # fmt: skip
         grad_input, grad_input_view = empty_output_like(x)
         grad_input.fill_(float("nan"))
@@ -186,7 +152,7 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
         backend.backward_dx(
             dy_view, x_view, grad_input_view, mean, invstd, weight,
             sums if batch else None, stats[0] if batch else None, bias=bias, residual=residual_view,
-            grad_residual=grad_residual_view, **epilogue, tiling=tiling,
+            grad_residual=grad_residual_view, **epilogue, **options,
         )  # fmt: skip
         results["strides_kept"][name] = output.stride() == grad_input.stride() and (
             case.layout in ("sliced", "permuted") or output.stride() == x.stride()
@@ -203,5 +169,57 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
             "grad_bias": grad_bias,
             "grad_input": grad_input,
             "grad_residual": grad_residual,
+            "num_batches_tracked": int(num_batches),
         }
     return results
+
+
+def non_finite_batch_4_ranks() -> torch.Tensor:
+    """``(8, 4, 5)``: a NaN in channel 1 (rank 0's rows), an Inf in channel 2 (rank 2's rows), a -Inf
+    in channel 3 of rank 3's rows; channel 0 finite."""
+    x = torch.randn(8, 4, 5, generator=torch.Generator().manual_seed(11))
+    x[1, 1, 2] = float("nan")
+    x[4, 2, 0] = float("inf")
+    x[7, 3, 4] = float("-inf")
+    return x
+
+
+def non_finite_fused_relu() -> dict[str, torch.Tensor]:
+    """Every rank of the cluster normalizes its 2 rows of ``non_finite_batch_4_ranks`` with a fused
+    relu, synchronized over the whole group; returns this rank's output and running statistics."""
+    import torch.distributed as dist
+
+    from triton_syncbn import sync_batch_norm
+
+    rank = dist.get_rank()
+    x = non_finite_batch_4_ranks()[2 * rank : 2 * rank + 2]
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    output = sync_batch_norm(x, running_mean, running_var, training=True, activation="relu")
+    return {"output": output, "running_mean": running_mean, "running_var": running_var}
+
+
+ACCURACY_SHAPE = (32, 2, 128, 128)  # 2**19 values per channel: hundreds of loop steps per lane
+
+
+def accuracy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``x`` (per-channel means 3 * randn, std 1.5: ordinary data) and ``dy``."""
+    gen = torch.Generator().manual_seed(21)
+    channels = ACCURACY_SHAPE[1]
+    x = torch.randn(ACCURACY_SHAPE, generator=gen) * 1.5 + 3 * torch.randn(1, channels, 1, 1, generator=gen)
+    return x, torch.randn(ACCURACY_SHAPE, generator=gen)
+
+
+def batch_mean_and_parameter_grads() -> dict[str, torch.Tensor] | None:
+    """Rank 0 alone (a one-rank group): a training step of SyncBatchNorm with momentum 1 on
+    ``accuracy_inputs``; returns the batch mean (the running mean) and the weight/bias grads."""
+    import torch.distributed as dist
+
+    import triton_syncbn
+
+    group = dist.new_group([0])
+    if dist.get_rank() != 0:
+        return None
+    x, dy = accuracy_inputs()
+    module = triton_syncbn.SyncBatchNorm(ACCURACY_SHAPE[1], momentum=1.0, process_group=group)
+    module(x).backward(dy)
+    return {"mean": module.running_mean, "grad_weight": module.weight.grad, "grad_bias": module.bias.grad}

@@ -34,26 +34,15 @@ def test_multi_split_specialization_launches_the_combine_kernels() -> None:
     assert {"_combine_stats_kernel", "_combine_grad_sums_kernel"} <= names
 
 
-@pytest.mark.parametrize(
-    "spec", [spec for spec in codegen_check.SPECS if spec.name.startswith("S4")], ids=lambda spec: spec.name
-)
-def test_every_autotune_config_compiles(spec: codegen_check.Spec) -> None:
-    results = codegen_check.check(spec, 90, tuned_configs=True)
-    assert sum("warps]" in name for name, _ in results) == 4 * 5  # 4 streaming kernels x 5 configs
-    failures = {name: problems for name, problems in results if problems}
-    assert not failures, failures
-
-
 def test_command_exit_status() -> None:
-    assert codegen_check.main(["--arch", "90", "--no-tuned-configs"]) == 0
+    assert codegen_check.main(["--arch", "90"]) == 0
 
 
 def test_restated_specialization_rules_match_the_jit() -> None:
     import torch
+    from codegen import specialize_like_jit
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
-
-    from triton_syncbn.codegen import specialize_like_jit
 
     values = [1, 32, 7, 2**40, 0.5, None, torch.empty(4, device="meta"), torch.empty(3, dtype=torch.bfloat16)]
     for value in values:

@@ -171,10 +171,11 @@ def test_disagreeing_ranks_all_raise_instead_of_hanging(clusters, kind: str, nam
         assert result["num_batches_tracked"] == 0
 
 
-def test_non_finite_inputs_behave_like_batchnorm_on_the_global_batch(clusters) -> None:
+@pytest.mark.parametrize("backend", ["torch-cpu", "interpreter"])
+def test_non_finite_inputs_behave_like_batchnorm_on_the_global_batch(clusters, backend: str) -> None:
     """NaN/Inf in one rank's input poison those channels on every rank, exactly where
     torch.nn.BatchNorm1d on the concatenated batch puts NaN/Inf; other channels are unaffected."""
-    results = clusters("torch-cpu").run(rank_tasks.non_finite_inputs, False)[:2]
+    results = clusters(backend).run(rank_tasks.non_finite_inputs, False)[:2]
     reference = torch.nn.BatchNorm1d(4)
     expected = reference(rank_tasks.non_finite_batch()).detach()
     output = torch.cat([result["output"] for result in results])
@@ -187,8 +188,9 @@ def test_non_finite_inputs_behave_like_batchnorm_on_the_global_batch(clusters) -
         assert torch.equal(results[1][name].isnan(), ours.isnan())
 
 
-def test_opt_in_finite_check_names_the_channels_on_every_rank(clusters) -> None:
-    results = clusters("torch-cpu").run(rank_tasks.non_finite_inputs, True)[:2]
+@pytest.mark.parametrize("backend", ["torch-cpu", "interpreter"])
+def test_opt_in_finite_check_names_the_channels_on_every_rank(clusters, backend: str) -> None:
+    results = clusters(backend).run(rank_tasks.non_finite_inputs, True)[:2]
     assert "in channels [1, 2] of the global batch" in results[0]["error"]
     assert "has them in channels [1, 2]" in results[0]["error"]
     assert "has them in channels []" in results[1]["error"]

@@ -8,136 +8,234 @@ interpreter is off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from triton_syncbn.kernels import (
-    INTERPRETED,
     _backward_dx_kernel,
     _backward_reduce_kernel,
     _combine_grad_sums_kernel,
     _combine_stats_kernel,
     _normalize_kernel,
     _partial_stats_kernel,
-    autotune,
 )
 
 from .layout import accumulation_dtype
 
-# Elements per [BLOCK_C, BLOCK_M] tile: 16 fp32 values per thread at 4 warps.
-_TILE_ELEMENTS = 2048
+# Elements each thread holds per step (16 fp32 = 64 bytes, 16 bf16 = 32 bytes in flight per load).
+_THREAD_ELEMENTS = 16
+_NUM_WARPS = 4
 _MAX_BLOCK_C = 64
-# Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU.
-_PROGRAMS_PER_SM = 4
+# Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU: 4 is the
+# target (bench/perf_model.py), 5 leaves room for the rounding of splits to whole steps.
+PROGRAMS_PER_SM = 5
+# Splits of one channel block a reduction may use; the merge adds MERGE_SPLIT_BLOCK of them per
+# serial step (so at most 16 steps), channels MERGE_BLOCK_C per program.
+MAX_SPLITS = 1024
+MERGE_SPLIT_BLOCK = 64
+MERGE_BLOCK_C = 16
+# Steps per program the elementwise kernels (normalize, dx) aim at on large tensors.
+_ELEMENTWISE_STEPS = 16
 # Under the interpreter programs run one after another; a few splits still exercise the paths.
 _INTERPRETER_PROGRAMS = 4
 _INT32_LIMIT = 2**31 - 1
+_LAYOUTS = ("contiguous", "channels_last")
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """How a ``[N, C, S]`` tensor is cut into programs: grid = (cdiv(C, block_c), splits)."""
+    """How a ``[N, C, S]`` view is cut into programs: grid = (cdiv(C, block_c), n_splits * s_splits).
+
+    Each step of a program covers ``block_c`` channels x ``block_n`` samples x ``block_s``
+    positions; a split covers ``chunk_n`` samples x ``chunk_s`` positions (see kernels/indexing.py).
+    """
 
     block_c: int  # channels per program (power of two)
-    block_m: int  # elements per channel per loop step (power of two)
-    splits: int  # programs per channel block along the N * S axis
-    chunk: int  # elements per channel per split, a multiple of block_m
+    block_n: int  # samples per step (power of two)
+    block_s: int  # spatial positions per step (power of two)
+    chunk_n: int  # samples per split, a multiple of block_n
+    chunk_s: int  # positions per split, a multiple of block_s
+    n_splits: int
+    s_splits: int
+    num_warps: int = _NUM_WARPS
+
+    @property
+    def block_m(self) -> int:
+        return self.block_n * self.block_s
+
+    @property
+    def splits(self) -> int:
+        return self.n_splits * self.s_splits
 
     def grid(self, channels: int) -> tuple[int, int]:
         return (triton.cdiv(channels, self.block_c), self.splits)
 
+    def steps(self) -> int:
+        """Steps of the longest split."""
+        return triton.cdiv(self.chunk_n, self.block_n) * triton.cdiv(self.chunk_s, self.block_s)
+
     @classmethod
     def split(cls, view: torch.Tensor, block_c: int, block_m: int, splits: int) -> Tiling:
-        """Cut each channel's N * S elements of ``view`` ``[N, C, S]`` into at most ``splits``
-        chunks, each a multiple of ``block_m`` (none empty)."""
-        elements = max(view.shape[0] * view.shape[2], 1)
-        chunk = triton.cdiv(triton.cdiv(elements, max(splits, 1)), block_m) * block_m
-        return cls(block_c=block_c, block_m=block_m, splits=triton.cdiv(elements, chunk), chunk=chunk)
+        """Forced block sizes (for tests): ``block_c`` channels and ``block_m`` elements per step,
+        the launchers' own division of ``block_m`` into samples x positions for ``view``, and at
+        most ``splits`` splits. Launchers refit it to the view they actually launch on."""
+        return _fit(collapse(view), block_c, block_m, splits)
+
+    def refit(self, view: torch.Tensor) -> Tiling:
+        """The same block_c, block_m and split budget on ``view`` (as collapsed by a launcher)."""
+        return _fit(view, self.block_c, self.block_m, self.splits)
 
 
-def choose_tiling(view: torch.Tensor) -> Tiling:
-    """Pick block sizes and the channel split for ``view`` ``[N, C, S]``.
+def _fit(view: torch.Tensor, block_c: int, block_m: int, splits: int) -> Tiling:
+    block_s = _spatial_block(view, block_m)
+    return _with_splits(view, block_c, max(block_m // block_s, 1), block_s, splits, cap=splits)
 
-    Channels-contiguous inputs (channels_last, 2-D) get wide channel blocks so each row of the
-    tile is one coalesced read; otherwise a tile walks the contiguous spatial axis of one or a
-    few channels. When there are fewer channel blocks than the device can run at once, each
-    channel is split over several programs (a power of two, so few kernel variants compile).
+
+def layout_of(view: torch.Tensor) -> str:
+    """ "channels_last" when channels are the contiguous axis (channels_last, 2-D) else "contiguous"."""
+    return "channels_last" if view.stride(1) == 1 and view.shape[1] > 1 else "contiguous"
+
+
+def collapse(view: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
+    """``view`` ``[N, C, S]`` as ``[N * S, C, 1]`` when every given view has ``stride_n == S *
+    stride_s`` (channels_last, channels_last_3d): the kernels then walk rows only. Else ``view``."""
+    batch, channels, spatial = view.shape
+    if spatial == 1:
+        return view
+    for other in (view, *others):
+        if other is not None and other.stride(0) != spatial * other.stride(2):
+            return view
+    return view.as_strided((batch * spatial, channels, 1), (view.stride(2), view.stride(1), 1))
+
+
+def _tile_elements(dtype: torch.dtype, num_warps: int = _NUM_WARPS) -> int:
+    """Elements per step: 64 bytes per thread (16 fp32, 32 fp16/bf16; 8 fp64 to bound registers)."""
+    per_thread = {8: _THREAD_ELEMENTS // 2, 2: 2 * _THREAD_ELEMENTS}.get(dtype.itemsize, _THREAD_ELEMENTS)
+    return per_thread * 32 * num_warps
+
+
+def _spatial_block(view: torch.Tensor, tile: int) -> int:
+    """Positions per step for a contiguous-layout view: the power of two that covers the
+    ``[N, S]`` plane in the fewest tile-sized steps (padding of S and of N both count)."""
+    if layout_of(view) == "channels_last" or view.shape[2] == 1:
+        return 1
+    batch, _, spatial = view.shape
+    best, best_cost = 1, None
+    block = 1
+    while block <= min(tile, triton.next_power_of_2(spatial)):
+        block_n = min(tile // block, triton.next_power_of_2(max(batch, 1)))
+        cost = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(spatial, block) * max(block_n * block, tile)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = block, cost
+        block *= 2
+    return best
+
+
+def _chunk(blocks: int, splits: int, cap: int) -> int:
+    """Blocks per split: rounded down, so that at least ``splits`` splits result, unless that
+    would exceed ``cap``."""
+    chunk = max(blocks // splits, 1)
+    return chunk if triton.cdiv(blocks, chunk) <= cap else triton.cdiv(blocks, splits)
+
+
+def _with_splits(view: torch.Tensor, block_c: int, block_n: int, block_s: int, wanted: int, cap: int) -> Tiling:
+    """Split the ``[N, S]`` plane of ``view`` along N first, then S, into at most ``min(wanted, cap)``
+    rectangles made of whole steps."""
+    batch, _, spatial = view.shape
+    wanted = max(1, min(wanted, cap))
+    n_blocks = max(triton.cdiv(batch, block_n), 1)
+    s_blocks = max(triton.cdiv(spatial, block_s), 1)
+    n_splits = min(wanted, n_blocks)
+    chunk_n = _chunk(n_blocks, n_splits, cap) * block_n
+    n_splits = max(triton.cdiv(batch, chunk_n), 1)
+    s_splits = min(triton.cdiv(wanted, n_splits), s_blocks, max(cap // n_splits, 1))
+    chunk_s = _chunk(s_blocks, s_splits, max(cap // n_splits, 1)) * block_s
+    s_splits = max(triton.cdiv(spatial, chunk_s), 1)
+    return Tiling(block_c, block_n, block_s, chunk_n, chunk_s, n_splits, s_splits)
+
+
+def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> Tiling:
+    """Block sizes and splits for ``view`` ``[N, C, S]`` (already collapsed), aiming at ``programs``
+    programs.
+
+    channels_last (channels contiguous): wide channel blocks, each row of a tile one coalesced
+    read. Contiguous: one channel per program, steps of ``block_n`` samples x ``block_s``
+    positions along the contiguous spatial axis. Block sizes depend only on the shape, dtype
+    and layout, never on timing, so a reduction's order is fixed by the shape. Reductions
+    (``reduction=True``) split a channel over at most ``MAX_SPLITS`` programs; the elementwise
+    kernels split freely, aiming at ``_ELEMENTWISE_STEPS`` steps per program on large tensors.
     """
     batch, channels, spatial = view.shape
-    elements = batch * spatial
-    if view.stride(1) == 1 and channels > 1:
+    tile = _tile_elements(view.dtype)
+    if layout_of(view) == "channels_last":
         block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
-        block_m = min(max(_TILE_ELEMENTS // block_c, 1), triton.next_power_of_2(max(elements, 1)))
+        block_s = 1
+        block_n = min(max(tile // block_c, 1), triton.next_power_of_2(max(batch, 1)))
     else:
-        block_m = min(_TILE_ELEMENTS, triton.next_power_of_2(max(elements, 1)))
-        block_c = min(max(_TILE_ELEMENTS // block_m, 1), 16, triton.next_power_of_2(channels))
+        block_c = 1
+        block_s = _spatial_block(view, tile)
+        block_n = min(max(tile // block_s, 1), triton.next_power_of_2(max(batch, 1)))
     channel_blocks = triton.cdiv(channels, block_c)
-    wanted = triton.cdiv(_target_programs(view.device), channel_blocks)
-    splits = min(triton.next_power_of_2(wanted), triton.cdiv(max(elements, 1), block_m))
-    return Tiling.split(view, block_c, block_m, splits)
+    # Too few steps to give every program one: smaller steps (down to 4 elements per thread).
+    while (
+        block_c * block_n * block_s > _NUM_WARPS * 32 * 4
+        and channel_blocks * triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s) < programs
+    ):
+        if block_n > 1:
+            block_n //= 2
+        else:
+            block_s //= 2
+    wanted = triton.cdiv(programs, channel_blocks)
+    if not reduction:
+        steps = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s)
+        wanted = max(wanted, triton.cdiv(steps, _ELEMENTWISE_STEPS))
+    return _with_splits(view, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return _INTERPRETER_PROGRAMS
 
 
+LaunchFn = Callable[[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]], None]
+
+
+def _run(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    kernel[grid](*args, **kwargs)
+
+
 @dataclass(frozen=True)
-class Plan:
-    """How one launcher call runs: autotuned (compiled kernels on CUDA, unless a tiling is
-    forced) or with ``tiling``'s block sizes. The split count and chunk come from ``tiling``
-    either way; tuned chunks are multiples of every config's BLOCK_M."""
+class Dispatch:
+    """Where the launchers' kernel launches go: ``launch(kernel, grid, args, kwargs)`` runs them
+    (the default) or records them (bench/codegen.py compiles recorded launches for a GPU that
+    is not here); ``programs`` is the number of programs to aim for (default: PROGRAMS_PER_SM per SM of the
+    tensor's device, 4 under the interpreter)."""
 
-    tiling: Tiling
-    tuned: bool
-    layout: str  # "contiguous" or "channels_last": which tuner
-
-    @property
-    def smallest_block_m(self) -> int:
-        if not self.tuned:
-            return self.tiling.block_m
-        return autotune.MIN_BLOCK_M[self.layout]
+    programs: int | None = None
+    launch: LaunchFn = _run
 
 
-def plan(view: torch.Tensor, tiling: Tiling | None) -> Plan:
-    """The launch plan for ``view`` ``[N, C, S]``; ``tiling`` forces block sizes and splits."""
-    layout = "channels_last" if view.stride(1) == 1 and view.shape[1] > 1 else "contiguous"
-    if tiling is not None:
-        return Plan(tiling, False, layout)
-    heuristic = choose_tiling(view)
-    if view.device.type != "cuda" or INTERPRETED:  # the interpreter cannot benchmark: one config
-        return Plan(heuristic, False, layout)
-    return Plan(Tiling.split(view, heuristic.block_c, autotune.MAX_BLOCK_M, heuristic.splits), True, layout)
+_DEFAULT_DISPATCH = Dispatch()
 
 
-def _launch(
-    kernel: object,
-    name: str,
-    launch_plan: Plan,
-    channels: int,
-    *args: object,
-    restore_running: bool = False,
-    **constexprs: object,
-) -> None:
-    """Launch ``kernel`` (named ``name``) over ``launch_plan``'s grid: its autotuned variant for
-    the layout, or the plain kernel with the plan's block sizes."""
-    tiling = launch_plan.tiling
-    if launch_plan.tuned:
-        variant = autotune.TUNED[name + ("_update" if restore_running else "")][launch_plan.layout]
-        variant[lambda meta: (triton.cdiv(channels, meta["BLOCK_C"]), tiling.splits)](*args, **constexprs)
-        return
-    kernel[tiling.grid(channels)](*args, BLOCK_C=tiling.block_c, BLOCK_M=tiling.block_m, **constexprs)
+def _programs(dispatch: Dispatch, device: torch.device) -> int:
+    return dispatch.programs if dispatch.programs is not None else _target_programs(device)
 
 
-def _needs_int64(*views: torch.Tensor) -> bool:
-    """True when an element offset of any view can exceed int32."""
+def _needs_int64(tiling: Tiling, *views: torch.Tensor) -> bool:
+    """True when a tile's lane offsets (channel, sample and position within a step) can exceed
+    int32; the step offsets themselves are always 64-bit scalars."""
     for view in views:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(view.shape, view.stride(), strict=True) if size > 0)
-        if span > _INT32_LIMIT or view.numel() > _INT32_LIMIT:
+        _, channels, _ = view.shape
+        sn, sc, ss = (abs(stride) for stride in view.stride())
+        reach = (channels - 1) * sc + (tiling.block_n - 1) * sn + (tiling.block_s - 1) * ss
+        if reach > _INT32_LIMIT:
             return True
     return False
 
@@ -151,17 +249,17 @@ def _present(*views: torch.Tensor | None) -> list[torch.Tensor]:
     return [view for view in views if view is not None]
 
 
-def _spatial_vector(block_m: int, *views: torch.Tensor | None) -> int:
+def spatial_vector(tiling: Tiling, *views: torch.Tensor | None) -> int:
     """Elements per 16-byte access along the spatial axis, when every view allows it, else 1.
 
-    Allowed when the spatial axis is the contiguous one (``stride_s == 1``) and S and the other
-    strides are multiples of the run, so that no aligned run straddles two samples or channels
-    (see ``kernels/indexing.tile_offsets``). 2-D inputs (S = 1) and channels_last never qualify;
-    channels_last vectorizes along C instead.
+    Allowed when the spatial axis is the contiguous one (``stride_s == 1``) and S, the other
+    strides, ``block_s`` and ``chunk_s`` are multiples of the run, so that every aligned run lies
+    in one (sample, channel) row and in one step (see ``kernels/indexing.step_pointers``).
+    channels_last vectorizes along C instead (unit channel stride, no hint needed).
     """
-    present = [view for view in views if view is not None]
+    present = _present(*views)
     vector = 16 // max(view.element_size() for view in present)
-    if block_m % vector:
+    if tiling.block_s % vector or tiling.chunk_s % vector:
         return 1
     for view in present:
         _, _, spatial = view.shape
@@ -174,33 +272,72 @@ def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def partial_stats(x: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+def _geometry(view: torch.Tensor, tiling: Tiling) -> tuple[int, ...]:
+    """The (N, S, chunk_n, chunk_s, s_splits) arguments every streaming kernel takes."""
+    return (view.shape[0], view.shape[2], tiling.chunk_n, tiling.chunk_s, tiling.s_splits)
+
+
+def _blocks(tiling: Tiling) -> dict[str, int]:
+    return {"BLOCK_C": tiling.block_c, "BLOCK_N": tiling.block_n, "BLOCK_S": tiling.block_s,
+            "num_warps": tiling.num_warps}  # fmt: skip
+
+
+def _same_strides(*views: torch.Tensor | None) -> bool:
+    """Whether every given view has the first one's strides (the kernels then share offsets)."""
+    present = _present(*views)
+    return all(view.stride() == present[0].stride() for view in present)
+
+
+def _merge_blocks(channels: int, splits: int) -> dict[str, int]:
+    """Block sizes of the split merges (fixed per shape: a fixed summation order)."""
+    return {
+        "BLOCK_C": min(MERGE_BLOCK_C, triton.next_power_of_2(channels)),
+        "SPLIT_BLOCK": min(MERGE_SPLIT_BLOCK, triton.next_power_of_2(splits)),
+    }
+
+
+def _merge_grid(channels: int) -> tuple[int]:
+    return (triton.cdiv(channels, min(MERGE_BLOCK_C, triton.next_power_of_2(channels))),)
+
+
+def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Every view collapsed to rows (``collapse``) when all of them can be, else unchanged."""
+    first = next(view for view in views if view is not None)
+    if collapse(first, *views) is first:
+        return list(views)
+    return [None if view is None else collapse(view) for view in views]
+
+
+def partial_stats(
+    x: torch.Tensor, tiling: Tiling | None = None, dispatch: Dispatch = _DEFAULT_DISPATCH
+) -> torch.Tensor:
     """Local per-channel statistics of ``x`` ``[N, C, S]``.
 
-    Returns float64 ``[3, C]``: element count, sum and sum of squares per channel (exactly
-    merged moments expanded in float64; see ``kernels/stats.py``). N may be 0.
+    Returns float64 ``[3, C]``: element count, sum and sum of squares per channel (moments from
+    pilot-shifted per-lane sums expanded in float64; see ``kernels/stats.py``). N may be 0.
+    ``tiling`` forces block sizes and splits (tests); ``dispatch`` redirects the launches.
     """
-    batch, channels, spatial = x.shape
-    elements = batch * spatial
-    run = plan(x, tiling)
-    splits = run.tiling.splits
+    (x,) = _collapsed(x)
+    channels = x.shape[1]
+    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
+    splits = tiling.splits
     acc_dtype = accumulation_dtype(x.dtype)
     packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
     partials = packed
     if splits > 1:
-        partials = torch.empty(2, splits, channels, dtype=acc_dtype, device=x.device)
-    int64 = _needs_int64(x)
-    _launch(
-        _partial_stats_kernel, "_partial_stats_kernel", run, channels,
-        x, partials, channels, spatial, elements, run.tiling.chunk, splits, *x.stride(),
-        ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64,
-        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, x),
+        partials = torch.empty(3, splits, channels, dtype=torch.float64, device=x.device)
+    int64 = _needs_int64(tiling, x)
+    dispatch.launch(
+        _partial_stats_kernel, tiling.grid(channels),
+        (x, partials, channels, *_geometry(x, tiling), splits, *x.stride()),
+        dict(ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64,
+             VEC=spatial_vector(tiling, x), **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
-        combine_block = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
-        _combine_stats_kernel[(triton.cdiv(channels, combine_block),)](
-            partials, x, packed, channels, elements, run.tiling.chunk, splits, x.stride(1),
-            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=combine_block, INT64=int64,
+        dispatch.launch(
+            _combine_stats_kernel, _merge_grid(channels),
+            (partials, x, packed, channels, x.shape[0], x.shape[2], splits, x.stride(1)),
+            dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, **_merge_blocks(channels, splits)),
         )  # fmt: skip
     return packed
 
@@ -214,41 +351,46 @@ def normalize(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     num_batches_tracked: torch.Tensor | None,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     residual: torch.Tensor | None = None,
     activation: int = 0,
     negative_slope: float = 0.0,
     tiling: Tiling | None = None,
+    dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``out`` = ``act(weight * (x - mean) * invstd + bias [+ residual])``, all ``[N, C, S]``.
 
     ``activation`` is a code of ``kernels.activation.ACTIVATION_CODES`` (0: none).
 
     With ``stats`` (float64 ``[3, C]`` global count, sum, sum of squares) the batch statistics
-    are used, and ``running_mean``/``running_var`` ``[C]``, when given, are updated in place
-    with ``momentum`` (or ``1 / num_batches_tracked`` when that int64 scalar tensor is given);
-    a zero global count leaves them unchanged. Without ``stats`` the running statistics are used.
-    Returns ``(mean, invstd)`` ``[C]`` in the accumulation dtype, as used, for backward.
+    are used; ``running_mean``/``running_var`` ``[C]``, when given, are updated in place with
+    ``momentum``, or with ``1 / num_batches_tracked`` (after its increment) when ``momentum`` is
+    None (the cumulative average); a zero global count leaves them unchanged. The int64 scalar
+    ``num_batches_tracked``, when given with ``stats``, is incremented by one, on the device,
+    in this same launch. Without ``stats`` the running statistics are used and nothing is
+    updated. Returns ``(mean, invstd)`` ``[C]`` in the accumulation dtype, as used, for backward.
     """
-    batch, channels, spatial = x.shape
-    run = plan(x, tiling)
+    x, out, residual = _collapsed(x, out, residual)
+    channels = x.shape[1]
+    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device), reduction=False)
     acc_dtype = accumulation_dtype(x.dtype)
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
     invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
     batch_stats = stats is not None
-    update_running = batch_stats and running_mean is not None
-    cumulative = update_running and num_batches_tracked is not None
-    _launch(
-        _normalize_kernel, "_normalize_kernel", run, channels,
-        x, out, residual, weight, bias, stats, mean, invstd,
-        running_mean, running_var, num_batches_tracked if cumulative else None,
-        float(momentum), float(eps), float(negative_slope),
-        channels, spatial, batch * spatial, run.tiling.chunk, *x.stride(), *out.stride(), *_strides(residual),
-        restore_running=update_running,
-        BATCH_STATS=batch_stats, UPDATE_RUNNING=update_running, CUMULATIVE=cumulative, ACTIVATION=activation,
-        ACC_DTYPE=_tl_dtype(acc_dtype), INT64=_needs_int64(x, out, *_present(residual)),
-        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, x, out, residual),
+    cumulative = batch_stats and running_mean is not None and momentum is None
+    if cumulative and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    dispatch.launch(
+        _normalize_kernel, tiling.grid(channels),
+        (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
+         num_batches_tracked if batch_stats else None,
+         float(momentum or 0.0), float(eps), float(negative_slope),
+         channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
+        dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
+             ACC_DTYPE=_tl_dtype(acc_dtype), INT64=_needs_int64(tiling, x, out, *_present(residual)),
+             VEC=spatial_vector(tiling, x, out, residual), SAME_STRIDES=_same_strides(x, out, residual),
+             **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -266,6 +408,7 @@ def backward_reduce(
     activation: int = 0,
     negative_slope: float = 0.0,
     tiling: Tiling | None = None,
+    dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-channel ``sum(dy)`` and ``sum(dy * xhat)`` of ``grad_out``, ``x`` ``[N, C, S]``.
 
@@ -276,32 +419,33 @@ def backward_reduce(
     dtype (what backward all-reduces); the local parameter grads ``[C]`` are returned in the
     given dtypes, or None where the dtype is None.
     """
-    batch, channels, spatial = x.shape
-    elements = batch * spatial
-    run = plan(x, tiling)
-    splits = run.tiling.splits
+    residual = residual if activation else None
+    grad_out, x, residual = _collapsed(grad_out, x, residual)
+    channels = x.shape[1]
+    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
+    splits = tiling.splits
     acc_dtype = accumulation_dtype(x.dtype)
     sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
     grad_weight = None if weight_grad_dtype is None else torch.empty(channels, dtype=weight_grad_dtype, device=x.device)
     grad_bias = None if bias_grad_dtype is None else torch.empty(channels, dtype=bias_grad_dtype, device=x.device)
     partials = sums
     if splits > 1:
-        partials = torch.empty(2, splits, channels, dtype=acc_dtype, device=x.device)
-    _launch(
-        _backward_reduce_kernel, "_backward_reduce_kernel", run, channels,
-        grad_out, x, residual if activation else None, mean, invstd,
-        weight if activation else None, bias if activation else None, partials, grad_weight, grad_bias,
-        channels, spatial, elements, run.tiling.chunk, splits, float(negative_slope),
-        *grad_out.stride(), *x.stride(), *_strides(residual),
-        ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
-        INT64=_needs_int64(grad_out, x, *_present(residual)),
-        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, grad_out, x, residual if activation else None),
+        partials = torch.empty(2, splits, channels, dtype=torch.float64, device=x.device)
+    dispatch.launch(
+        _backward_reduce_kernel, tiling.grid(channels),
+        (grad_out, x, residual, mean, invstd, weight if activation else None, bias if activation else None,
+         partials, grad_weight, grad_bias, channels, *_geometry(x, tiling), splits, float(negative_slope),
+         *grad_out.stride(), *x.stride(), *_strides(residual)),
+        dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
+             INT64=_needs_int64(tiling, grad_out, x, *_present(residual)),
+             VEC=spatial_vector(tiling, grad_out, x, residual), SAME_STRIDES=_same_strides(x, grad_out, residual),
+             **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
-        combine_block = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
-        _combine_grad_sums_kernel[(triton.cdiv(channels, combine_block),)](
-            partials, invstd, sums, grad_weight, grad_bias, channels, splits,
-            ACC_DTYPE=_tl_dtype(acc_dtype), BLOCK_C=combine_block,
+        dispatch.launch(
+            _combine_grad_sums_kernel, _merge_grid(channels),
+            (partials, invstd, sums, grad_weight, grad_bias, channels, splits),
+            dict(ACC_DTYPE=_tl_dtype(acc_dtype), **_merge_blocks(channels, splits)),
         )  # fmt: skip
     return sums, grad_weight, grad_bias
 
@@ -321,6 +465,7 @@ def backward_dx(
     activation: int = 0,
     negative_slope: float = 0.0,
     tiling: Tiling | None = None,
+    dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> None:
     """Write the input gradient into ``out`` ``[N, C, S]`` (and the residual's into ``grad_residual``).
 
@@ -333,18 +478,22 @@ def backward_dx(
     statistics, ``weight``, ``bias`` and ``residual``); that gradient is the residual's.
     ``grad_residual`` must then have the same strides as ``residual``.
     """
-    batch, channels, spatial = x.shape
-    run = plan(x, tiling)
     if grad_residual is not None and residual is not None and grad_residual.stride() != residual.stride():
         raise ValueError("grad_residual must have the residual's strides")
     residual_layout = residual if residual is not None else grad_residual
-    _launch(
-        _backward_dx_kernel, "_backward_dx_kernel", run, channels,
-        grad_out, x, out, residual if activation else None, grad_residual, mean, invstd, weight,
-        bias if activation else None, sums, count,
-        channels, spatial, batch * spatial, run.tiling.chunk, float(negative_slope),
-        *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout),
-        BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-        INT64=_needs_int64(grad_out, x, *_present(out, residual_layout)),
-        SPATIAL_VEC=_spatial_vector(run.smallest_block_m, grad_out, x, out, residual_layout),
+    residual = residual if activation else None
+    grad_out, x, out, residual, grad_residual, residual_layout = _collapsed(
+        grad_out, x, out, residual, grad_residual, residual_layout
+    )
+    channels = x.shape[1]
+    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device), reduction=False)
+    dispatch.launch(
+        _backward_dx_kernel, tiling.grid(channels),
+        (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
+         channels, *_geometry(x, tiling), float(negative_slope),
+         *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
+        dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
+             INT64=_needs_int64(tiling, grad_out, x, *_present(out, residual_layout)),
+             VEC=spatial_vector(tiling, grad_out, x, out, residual_layout),
+             SAME_STRIDES=_same_strides(x, grad_out, out, residual_layout), **_blocks(tiling)),
     )  # fmt: skip

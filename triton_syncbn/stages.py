@@ -49,12 +49,9 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             "Expected more than 1 value per channel when training, got 1 value per channel "
             f"in the global batch (local input shape {tuple(input.shape)})"
         )
-    counter, momentum = None, 0.0
-    if running is not None:
-        if running.num_batches_tracked is not None:
-            running.num_batches_tracked.add_(1)
-        counter = running.num_batches_tracked if running.cumulative else None
-        momentum = 0.0 if running.cumulative else running.momentum
+    # normalize increments num_batches_tracked itself, on the device, in the same launch.
+    counter = None if running is None else running.num_batches_tracked
+    momentum = None if running is None else running.momentum
     mean, invstd = ops.normalize(
         x, output_view, call.weight, call.bias, stats, running_mean, running_var, counter, momentum, call.eps,
         **epilogue,

@@ -115,8 +115,10 @@ def normalize(
         var64 = m2 / safe_count
         mean = mean64.to(acc_dtype)
         invstd = (1.0 / torch.sqrt(var64 + eps)).to(acc_dtype)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         if running_mean is not None and running_var is not None:
-            if num_batches_tracked is not None:
+            if momentum is None:
                 factor = 1.0 / num_batches_tracked.to(torch.float64)
             else:
                 factor = torch.tensor(float(momentum), dtype=torch.float64)

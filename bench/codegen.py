@@ -1,0 +1,173 @@
+"""Compile the kernel specializations the launchers would launch, for a GPU target, without a GPU.
+
+``recording(programs)`` gives a ``launchers.Dispatch`` that records the kernel calls the
+launchers make (with any tensors, meta tensors included) instead of running them, aiming at
+``programs`` programs as on a GPU with that many SMs x 4; ``compile_launch`` compiles one
+recorded call for ``sm_80``/``sm_90`` through ``triton.compile``, specializing every argument
+exactly as Triton's JIT would (ints equal to 1 become constants, 16-divisible ints and pointers
+get divisibility hints). The result holds the PTX and the cubin built by ptxas, so codegen can
+be inspected and proven to build on a CPU-only machine. A developer tool (bench/, not shipped):
+the launchers take the recording ``Dispatch`` as an argument; nothing is patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+
+from triton_syncbn import launchers
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel call as a launcher made it: the JIT function, its arguments and grid."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    @property
+    def programs(self) -> int:
+        count = 1
+        for size in self.grid:
+            count *= size
+        return count
+
+
+def recording(programs: int) -> tuple[launchers.Dispatch, list[KernelLaunch]]:
+    """A ``Dispatch`` for the launchers' ``dispatch=`` argument that records their launches (in
+    the returned list) instead of running them, sizing grids for ``programs`` programs."""
+    launches: list[KernelLaunch] = []
+
+    def record(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        launches.append(KernelLaunch(kernel, tuple(grid), tuple(args), dict(kwargs)))
+
+    return launchers.Dispatch(programs=programs, launch=record), launches
+
+
+def specialization(launch: KernelLaunch) -> tuple[dict[str, str], dict[str, Any], dict, dict[str, Any]]:
+    """``(signature, constexprs, attrs, options)`` of ``launch`` as Triton's JIT would specialize
+    it: equal specializations compile to the same binary (a cache key, with the kernel)."""
+    kernel = launch.kernel
+    arg_names = kernel.arg_names
+    values = dict(zip(arg_names, launch.args, strict=False))
+    values.update({name: value for name, value in launch.kwargs.items() if name not in _LAUNCH_OPTIONS})
+    missing = [name for name in arg_names if name not in values]
+    if missing:
+        raise TypeError(f"{kernel.__name__}: launch is missing arguments {missing}")
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for index, name in enumerate(arg_names):
+        value = values[name]
+        is_constexpr = index in kernel.constexprs
+        if is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        type_name, specialized = _specialize(value)
+        signature[name] = type_name
+        if type_name == "constexpr":
+            constexprs[name] = specialized
+        elif isinstance(specialized, str) and specialized:
+            attrs[(index,)] = BaseBackend.parse_attr(specialized)
+    options = {name: launch.kwargs[name] for name in _LAUNCH_OPTIONS if name in launch.kwargs}
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: KernelLaunch, arch: int) -> Any:
+    """Compile ``launch`` for ``sm_<arch>`` (e.g. 80, 90); returns Triton's compiled kernel.
+
+    ``compiled.asm`` holds ``ttir``, ``ttgir``, ``llir``, ``ptx`` and ``cubin``.
+    """
+    signature, constexprs, attrs, options = specialization(launch)
+    source = ASTSource(launch.kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_POINTER_TYPES = {
+    torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+    torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1",
+}  # fmt: skip
+
+
+def _specialize(value: Any) -> tuple[str, Any]:
+    """(signature type, specialization) of one argument, as Triton's JIT derives them."""
+    try:  # the JIT's own rules, where this Triton exposes them
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+    return specialize_like_jit(value)
+
+
+def specialize_like_jit(value: Any) -> tuple[str, Any]:
+    """The JIT's specialization rules restated, for Triton releases that do not expose them."""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    raise TypeError(f"cannot specialize an argument of type {type(value).__name__}")
+
+
+def training_step_launches(
+    x: torch.Tensor,
+    programs: int,
+    activation: int = 0,
+    residual: bool = False,
+    tiling: launchers.Tiling | None = None,
+) -> dict[str, list[KernelLaunch]]:
+    """The launches of one synchronized training forward and backward of ``x`` ``(N, C, *)``
+    (meta tensors are enough), as the module makes them: statistics, normalize with the running
+    statistics and ``num_batches_tracked`` updated, gradient sums, input gradient. Keyed by
+    direction ("forward", "backward"); ``tiling`` forces block sizes (tests)."""
+    from triton_syncbn.layout import channel_view, empty_output_like
+
+    dispatch, launches = recording(programs)
+    view = channel_view(x)
+    channels = x.shape[1]
+    per_channel = torch.empty(channels, device=x.device)
+    counter = torch.empty((), dtype=torch.int64, device=x.device)
+    residual_view = channel_view(torch.empty_like(x)) if residual else None
+    options = {"activation": activation, "negative_slope": 0.01, "tiling": tiling, "dispatch": dispatch}
+    stats = launchers.partial_stats(view, tiling=tiling, dispatch=dispatch)
+    _, out = empty_output_like(x)
+    mean, invstd = launchers.normalize(
+        view, out, per_channel, per_channel, stats, per_channel, per_channel, counter, 0.1, 1e-5,
+        residual=residual_view, **options,
+    )  # fmt: skip
+    forward = list(launches)
+    launches.clear()
+    sums, _, _ = launchers.backward_reduce(
+        view, view, mean, invstd, torch.float32, torch.float32, weight=per_channel, bias=per_channel,
+        residual=residual_view, **options,
+    )  # fmt: skip
+    _, grad_in = empty_output_like(x)
+    grad_residual = channel_view(torch.empty_like(x)) if residual else None
+    launchers.backward_dx(
+        view, view, grad_in, mean, invstd, per_channel, sums, stats[0], bias=per_channel, residual=residual_view,
+        grad_residual=grad_residual, **options,
+    )  # fmt: skip
+    return {"forward": forward, "backward": list(launches)}
