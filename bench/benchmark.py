@@ -151,7 +151,9 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
     if cuda:
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # One thread per rank, at every world size: the comparisons stay like for like, and a
+        # shared machine's load does not stall OpenMP barriers (2 threads on 2 busy cores did).
+        torch.set_num_threads(1)
     # A group even for one GPU: torch's synchronized path needs one (PERF.md, Baselines).
     if world > 1 or cuda:
         init = None if port is None else f"tcp://127.0.0.1:{port}"
