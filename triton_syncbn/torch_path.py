@@ -142,23 +142,22 @@ def _finalize(
     momentum: float,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global float64 ``(mean, invstd)`` from the all-reduced sums; running statistics updated."""
-    count, total, total_sq = stats.unbind(0)
-    safe_count = count.clamp(min=1.0)
-    mean64 = total / safe_count
-    m2 = torch.addcmul(total_sq, total, mean64, value=-1.0).clamp_(min=0.0)
-    invstd64 = (m2 / safe_count).add_(eps).rsqrt_()
-    if running_mean is not None and running_var is not None:
-        # An all-empty global batch (count 0) leaves the running statistics as they are.
-        if num_batches_tracked is not None:
-            factor = torch.where(count > 0, num_batches_tracked.to(torch.float64).reciprocal(), 0.0)
-        else:
-            factor = (count > 0).to(torch.float64).mul_(momentum)
-        unbiased_var = m2 / (count - 1.0).clamp_(min=1.0)
-        updated = torch.stack((running_mean, running_var)).to(torch.float64)
-        updated.lerp_(torch.stack((mean64, unbiased_var)), factor)
-        running_mean.copy_(updated[0])
-        running_var.copy_(updated[1])
+    """Global float64 ``(mean, invstd)`` from the all-reduced sums; running statistics updated.
+
+    Every channel has the same count, and this is the CPU path: reading it (and the cumulative
+    momentum's ``num_batches_tracked``) as Python numbers costs no device synchronization and
+    saves a dozen per-channel ops.
+    """
+    count = float(stats[0, 0])
+    inv_count = 1.0 / max(count, 1.0)
+    mean64 = stats[1] * inv_count
+    m2 = torch.addcmul(stats[2], stats[1], mean64, value=-1.0).clamp_(min=0.0)
+    invstd64 = torch.mul(m2, inv_count).add_(eps).rsqrt_()
+    # An all-empty global batch (count 0) leaves the running statistics as they are.
+    if running_mean is not None and running_var is not None and count > 0:
+        factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else momentum
+        running_mean.lerp_(mean64.to(running_mean.dtype), factor)
+        running_var.lerp_(torch.mul(m2, 1.0 / max(count - 1.0, 1.0)).to(running_var.dtype), factor)
     return mean64, invstd64
 
 
@@ -315,10 +314,11 @@ def backward_dx(
         else:
             torch.mul(dy, scale.view(1, -1, 1), out=out)
         return
-    # [mean(dy), mean(dy * xhat)] over the global batch
-    means = sums * count.clamp(min=1.0).reciprocal_().to(scale.dtype)
-    x_factor = (scale * invstd).mul_(means[1]).neg_()
-    _affine_into(out, x, mean, x_factor, (scale * means[0]).neg_())
+    # -[mean(dy), mean(dy * xhat)] over the global batch (every channel has the same count; a
+    # Python number on the CPU path)
+    negative_means = sums * (-1.0 / max(float(count[0]), 1.0))
+    x_factor = (scale * invstd).mul_(negative_means[1])
+    _affine_into(out, x, mean, x_factor, scale * negative_means[0])
     # out += s * dy: in dy's dtype, so a bf16/fp16 dy is never copied to float32 (s is then
     # rounded to that dtype, ~1 ulp of the result).
     out.addcmul_(dy, _as(scale, dy.dtype).view(1, -1, 1))
