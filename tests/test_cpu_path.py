@@ -93,6 +93,37 @@ def test_accuracy_within_twice_torch_two_ranks(clusters, case: Case) -> None:
     assert_within_twice_torch(case, ours_from_ranks(per_rank))
 
 
+# Far from zero (|mean| / std = 1e4) and far below eps: the per-rank means come back from ATen
+# rounded to float32, which alone would bias the between-rank variance by ~1e-5 (the sum of
+# deviations from the rounded mean is measured for such channels instead).
+OFFSET_CASES = [
+    Case(batches=(6, 4), tail=(3, 8, 8), mean_offset=2e4, mean_scale=0.0, std_range=(2.0, 2.0), momentum=1.0, steps=1),
+    Case(
+        batches=(5, 3), tail=(3, 6, 6), mean_offset=1.0, mean_scale=0.0, std_range=(1e-4, 1e-4), momentum=1.0, steps=1
+    ),
+    Case(
+        batches=(6, 4),
+        tail=(3, 8, 8),
+        mean_offset=2e4,
+        mean_scale=0.0,
+        std_range=(2.0, 2.0),
+        momentum=1.0,
+        steps=1,
+        channels_last=True,
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda case: case.id)
+def test_running_var_within_twice_torch_far_from_zero_two_ranks(clusters, case: Case) -> None:
+    per_rank = clusters("torch-cpu").run(rank_tasks.run_case, case)[: case.world]
+    expected = oracle(case)["running_var"]
+    mine = relative_l2_error(per_rank[0]["running_var"], expected)
+    theirs = relative_l2_error(torch_float32(case)["running_var"], expected)
+    assert mine <= max(2 * theirs, 2.0**-24), (mine, theirs)
+
+
 def large_allocations(function, threshold: int) -> list[int]:
     """Sizes of the CPU allocations of at least ``threshold`` bytes made by ``function()``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
