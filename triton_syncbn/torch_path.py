@@ -135,7 +135,8 @@ def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
     mean, var = torch.batch_norm_update_stats(_four_d(x), placeholder, placeholder, 0.0)
     mean64, var64 = torch.stack((mean, var)).to(torch.float64).unbind(0)
     packed = torch.stack((torch.ones_like(mean64), mean64, torch.addcmul(var64, mean64, mean64))).mul_(count)
-    if acc_dtype != torch.float64 and bool((mean.abs() > 8.0 * var.sqrt()).any()):  # a CPU read: no sync
+    # |m| > 8 std  <=>  V - m^2 / 64 < 0 (one op and a CPU read, which costs no sync)
+    if acc_dtype != torch.float64 and float(torch.addcmul(var, mean, mean, value=-1.0 / 64.0).min()) < 0.0:
         offset = torch.sub(x, mean.view(1, -1, 1)).sum(dim=(0, 2)).to(torch.float64)  # d = sum(x - m)
         packed[1].add_(offset)
         packed[2].add_(offset * mean64, alpha=2.0)
