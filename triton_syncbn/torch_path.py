@@ -10,7 +10,8 @@ synchronized result is exact: ``batch_norm_update_stats`` for the local moments,
 into the caller's buffer) for every per-channel affine map, and ``native_batch_norm_backward``
 (weight/bias gradients only) for the per-channel gradient sums. These kernels take a low-precision
 input with float32 per-channel tensors and compute in float32 (``native_batch_norm``'s "mixed
-type" mode), so no full-size casted copy is ever made. They accept ``[N, C, S, 1]`` views of the
+type" mode), so no full-size casted copy is made (the one exception: the backward of a fused
+activation on bf16/fp16 input recomputes z and act'(z) in float32). They accept ``[N, C, S, 1]`` views of the
 ``[N, C, S]`` channel views in both layouts: a channels_last ``[N, C, S]`` view (strides
 ``(C * S, 1, C)``) is a channels_last ``[N, C, S, 1]`` tensor. Full-size memory per direction:
 the output (forward) and the input gradient (backward), plus one recomputed buffer in the
@@ -216,7 +217,9 @@ def _grad_before_activation(
     negative_slope: float,
     buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_out * act'(z)`` ``[N, C, S]`` (input dtype), z recomputed from x into ``buffer``.
+    """``grad_out * act'(z)`` ``[N, C, S]``, z recomputed from x into ``buffer``.
+
+    In the input dtype, except for bf16/fp16 input with an activation: float32 then.
 
     Identity: ``grad_out`` itself, no pass. ``buffer`` (x's shape) is used when given and laid
     out like x, else a new tensor is.
