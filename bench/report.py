@@ -117,7 +117,7 @@ def _plain_log_ticks(axis: object, suffix: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     formatter = FuncFormatter(lambda value, _: f"{value:.3g}{suffix}")
-    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=30))
     axis.yaxis.set_major_formatter(formatter)
     axis.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
 
@@ -207,13 +207,15 @@ def build_figures(rows: list[dict], meta: dict) -> dict[str, object]:
                              marker=markers[(dtype, layout)], label=f"vs {other}, {dtype}, {layout}")  # fmt: skip
             axis.axhline(1.0, color="black", linewidth=1.0, label="1x (same time)")
             axis.set_yscale("log")
+            low, high = axis.get_ylim()
+            axis.set_ylim(low, high * 4)  # headroom on the log axis for the legend above the dots
             _plain_log_ticks(axis, "x")
             axis.set_xticks(range(len(shapes)), [labels[shape] for shape in shapes], fontsize=7)
             axis.set_xlabel("shape (N x C x spatial)")
             axis.set_ylabel("speedup of triton_syncbn (x)")
             axis.set_title(f"{_world_title(world)}, {mode}", fontsize=10)
             axis.grid(True, which="both", axis="y", alpha=0.3)
-            axis.legend(fontsize=6, ncol=2, loc="best")
+            axis.legend(fontsize=6, ncol=3, loc="upper center")
         for index in range(len(panels), grid_rows * columns):
             axes[index // columns][index % columns].set_visible(False)
         figure.suptitle(f"{meta['device_name']}: their time / our time (above 1: we are faster)", fontsize=11)
