@@ -1,24 +1,35 @@
-"""Benchmark triton_syncbn against torch's SyncBatchNorm and BatchNorm: the project's main command.
+"""Benchmark triton_syncbn against torch's BatchNorm and the other SyncBNs: the project's main command.
 
-    python bench/benchmark.py                      # CPU: small shapes on 2 gloo ranks, a few minutes
+    python bench/benchmark.py                      # CPU: world size 1, then 2 gloo ranks, a few minutes
     python bench/benchmark.py --shapes S4 S6 --dtype bf16 --world-size 1    # on a GPU machine
     torchrun --nproc-per-node 8 bench/benchmark.py --shapes S1              # ranks from torchrun
 
-Times every (shape, dtype, layout, mode, provider) case, reports median and p20/p80 time,
-algorithmic and actual bandwidth (and their fraction of the copy bandwidth measured in the same
-run), our speedup over each other provider, and the GPU kernels and collectives per step. Writes
-a table to stdout, benchmark.csv/.json, summary.md and PNG plots (bandwidth, speedup, and the
-communication model vs world size) under --out. See ../shared/PERF.md for method and targets.
+On CPU (our plain-torch path) the default run makes two comparisons a reader can act on: at
+world size 1 ours against torch.nn.BatchNorm on the same input (our overhead), and on 2 gloo
+ranks ours against fairscale's SyncBatchNorm (when installed) and against the floor, torch's
+BatchNorm on the local batch plus one all-reduce of our payload per direction. --interpret times
+our Triton kernels in Triton's interpreter instead. On a GPU: ours against torch's synchronized
+path, torch's BatchNorm and apex.
+
+Times every (world size, shape, dtype, layout, mode, provider) case (on CPU the providers of a
+case interleaved, call by call), reports median and p20/p80 time, algorithmic and actual
+bandwidth (and their fraction of the copy bandwidth measured in the same run), our speedup over
+each other provider, and the GPU kernels and collectives per step. Writes a table to stdout,
+benchmark.csv/.json, summary.md (headline ratios in words first) and PNG plots (bandwidth and
+speedup small multiples, the communication model vs world size) under --out. See
+../shared/PERF.md for method and targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,9 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", help="shape ids (PERF.md S1-S12; default: all for the device)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"], default=None)
-    parser.add_argument("--modes", nargs="+", default=None, help="forward, backward, forward+backward, fused-relu")
-    parser.add_argument("--providers", nargs="+", default=None, help="triton_syncbn, torch_sync, torch_bn, apex")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: 1 on GPU, 2 on CPU)")
+    parser.add_argument(
+        "--modes", nargs="+", default=None,
+        help="forward, backward, forward+backward, fused-relu, fused-add-relu (default: all but fused-relu on CPU, "
+        "all but fused-add-relu on GPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--providers", nargs="+", default=None,
+        help="triton_syncbn, torch_sync, torch_bn, floor, fairscale, apex (default: by device and world size, see "
+        "above)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--world-size", type=int, default=None,
+        help="ranks to launch (default: 1 on GPU and with --interpret; on CPU both 1 and 2, one after the other)",
+    )  # fmt: skip
     parser.add_argument(
         "--interpret", action="store_true", help="run our kernels in Triton's interpreter (tiny shapes)"
     )
@@ -59,23 +81,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton, here and in spawned ranks
     cuda = torch.cuda.is_available() and not args.interpret
-    world = args.world_size or (1 if cuda else 2)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        return run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+        result = run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+        return 0 if result is None else finish(*result, args)
+    if args.world_size:
+        worlds = [args.world_size]
+    else:
+        worlds = [1] if cuda or args.interpret else [1, 2]
+    rows: list[dict] = []
+    metas: list[dict] = []
+    for world in worlds:
+        if world == 1:
+            result = run_rank(0, 1, free_port(), args)
+        else:
+            print(f"launching {world} ranks ({'nccl' if cuda else 'gloo'})...", flush=True)
+            with tempfile.TemporaryDirectory() as folder:
+                rows_file = Path(folder) / "rows.json"
+                context = mp.start_processes(
+                    _spawned_rank, args=(world, free_port(), args, str(rows_file)), nprocs=world,
+                    start_method="spawn", join=False,
+                )  # fmt: skip
+                context.join()
+                data = json.loads(rows_file.read_text())
+                result = (data["rows"], data["meta"])
+        rows += result[0]
+        metas.append(result[1])
+    meta = {**metas[0], "world_size": " and ".join(str(m["world_size"]) for m in metas)}
+    return finish(rows, meta, args)
+
+
+def _spawned_rank(rank: int, world: int, port: int, args: argparse.Namespace, rows_file: str) -> None:
+    result = run_rank(rank, world, port, args)
+    if result is not None:  # the lead rank hands its rows to the launching process
+        rows, meta = result
+        Path(rows_file).write_text(json.dumps({"rows": rows, "meta": meta}))
+
+
+def default_providers(device: torch.device, world: int) -> list[str]:
+    """The comparisons of each run (see the module docstring)."""
+    if device.type == "cuda":
+        return ["triton_syncbn", "torch_sync", "torch_bn", "apex"] + (["floor", "fairscale"] if world > 1 else [])
     if world == 1:
-        return run_rank(0, 1, free_port(), args)
-    print(f"launching {world} ranks ({'nccl' if cuda else 'gloo'})...", flush=True)
-    context = mp.start_processes(
-        _spawned_rank, args=(world, free_port(), args), nprocs=world, start_method="spawn", join=False
-    )
-    context.join()
-    return 0
+        return ["triton_syncbn", "torch_bn"]
+    return ["triton_syncbn", "fairscale", "floor"]
 
 
-def _spawned_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    code = run_rank(rank, world, port, args)
-    if code:
-        raise SystemExit(code)
+def default_modes(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return ["forward", "backward", "forward+backward", "fused-relu"]
+    return ["forward", "backward", "forward+backward", "fused-add-relu"]
 
 
 def free_port() -> int:
@@ -84,11 +138,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) -> int:
-    from providers import MODES, PROVIDERS, TRAFFIC, Case, build, count_events, unavailable_reason
-    from report import add_speedups, format_table, plot, write_files
+def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) -> tuple[list[dict], dict] | None:
+    """Time every case on this rank; the lead rank returns ``(rows, meta)``, the others None."""
+    from providers import TRAFFIC, Case, build, count_events, unavailable_reason
     from shapes import CPU_SHAPES, GPU_SHAPES, INTERPRETER_SHAPES, select
-    from timing import copy_bandwidth_gbps, time_callable
+    from timing import copy_bandwidth_gbps, time_interleaved
 
     import triton_syncbn.backend
 
@@ -97,7 +151,9 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
     if cuda:
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # One thread per rank, at every world size: the comparisons stay like for like, and a
+        # shared machine's load does not stall OpenMP barriers (2 threads on 2 busy cores did).
+        torch.set_num_threads(1)
     # A group even for one GPU: torch's synchronized path needs one (PERF.md, Baselines).
     if world > 1 or cuda:
         init = None if port is None else f"tcp://127.0.0.1:{port}"
@@ -107,8 +163,8 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
 
     shapes = select(INTERPRETER_SHAPES if args.interpret else (GPU_SHAPES if cuda else CPU_SHAPES), args.shapes)
     layouts = args.layouts or ["contiguous", "channels_last"]
-    modes = args.modes or list(MODES)
-    providers = args.providers or list(PROVIDERS)
+    modes = args.modes or default_modes(device)
+    providers = args.providers or default_providers(device, world)
     backend = triton_syncbn.backend.backend_name(torch.empty(0, device=device))
     copy_gbps = copy_bandwidth_gbps(device)
     meta = {
@@ -120,10 +176,11 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
         "our_backend": backend,
         "world_size": world,
         "copy_gbps": round(copy_gbps, 1),
-        "note": "" if cuda else "CPU run: our plain-torch CPU path vs torch's CPU kernels; GPU numbers need a GPU.",
+        "note": "" if cuda else f"CPU run ({backend}), one thread per rank; GPU numbers need a GPU.",
     }
     if lead:
-        print(f"{meta['device_name']}, {world} rank(s), our backend: {backend}, copy {copy_gbps:.1f} GB/s", flush=True)
+        print(f"{meta['device_name']}, {world} rank(s), our backend: {backend}, copy {copy_gbps:.1f} GB/s, "
+              f"providers: {', '.join(providers)}", flush=True)  # fmt: skip
         if meta["note"]:
             print(meta["note"], flush=True)
 
@@ -139,58 +196,84 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
     skipped: dict[str, str] = {}
     for index, (shape, dtype_name, layout, mode) in enumerate(cases, 1):
         case = Case(shape.dims, DTYPES[dtype_name], layout == "channels_last", mode, device, group)
+        functions = {}
         for provider in providers:
             reason = unavailable_reason(provider, case)
             if reason:
                 skipped[provider] = reason
                 continue
-            function = build(provider, case)
-            timing = time_callable(function, device, args.budget_ms, repeats=args.repeats if world > 1 else None)
+            functions[provider] = build(provider, case)
+        timings = time_interleaved(functions, device, args.budget_ms, repeats=args.repeats if world > 1 else None)
+        size = shape.numel * torch.empty(0, dtype=case.dtype).element_size()
+        for provider, function in functions.items():
+            timing = timings[provider]
             kernels, collectives = count_events(function, device)
-            size = shape.numel * torch.empty(0, dtype=case.dtype).element_size()
             algorithmic, actual = (factor * size / (timing.median_us * 1e-6) / 1e9 for factor in TRAFFIC[mode])
             rows.append({
-                "shape": shape.id, "dims": list(shape.dims), "dtype": dtype_name, "layout": layout, "mode": mode,
-                "provider": provider, "median_us": round(timing.median_us, 2), "p20_us": round(timing.p20_us, 2),
-                "p80_us": round(timing.p80_us, 2), "algorithmic_gbps": round(algorithmic, 2),
-                "actual_gbps": round(actual, 2), "algorithmic_fraction": round(algorithmic / copy_gbps, 3),
-                "actual_fraction": round(actual / copy_gbps, 3), "kernels": kernels, "collectives": collectives,
+                "world_size": world, "shape": shape.id, "dims": list(shape.dims), "dtype": dtype_name,
+                "layout": layout, "mode": mode, "provider": provider, "median_us": round(timing.median_us, 2),
+                "p20_us": round(timing.p20_us, 2), "p80_us": round(timing.p80_us, 2),
+                "algorithmic_gbps": round(algorithmic, 2), "actual_gbps": round(actual, 2),
+                "algorithmic_fraction": round(algorithmic / copy_gbps, 4),
+                "actual_fraction": round(actual / copy_gbps, 4), "kernels": kernels, "collectives": collectives,
             })  # fmt: skip
-            del function
-            if lead:
-                print(f"[{index}/{len(cases)}] {shape.id} {dtype_name} {layout} {mode} {provider}: "
-                      f"{timing.median_us:.1f} us", flush=True)  # fmt: skip
+        del functions
+        if lead:
+            times = ", ".join(f"{name} {timing.median_us:.1f} us" for name, timing in timings.items())
+            print(f"[{index}/{len(cases)}] world {world} {shape.id} {dtype_name} {layout} {mode}: {times}", flush=True)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     if not lead:
-        return 0
+        return None
     for provider, reason in skipped.items():
         print(f"skipped {provider}: {reason}")
+    return rows, meta
+
+
+def finish(rows: list[dict], meta: dict, args: argparse.Namespace) -> int:
+    """Speedups, the stdout table, files and plots, from the lead rank's rows of every run."""
+    from report import add_speedups, format_table, headline, plot, write_files
+
+    cuda = meta["device"] == "cuda"
     add_speedups(rows)
     print(format_table(rows))
     out = args.out or HERE / "results" / ("gpu" if cuda else "cpu")
     paths = write_files(rows, meta, out)
-    paths.append(write_summary(rows, meta, out))
+    lines = headline(rows)
+    paths.append(write_summary(rows, meta, out, lines))
     if not args.no_plots and rows:
         paths += plot(rows, meta, out)
         paths.append(plot_comm_model(rows, meta, out))
+    print("\n".join(["", "Summary:", *lines]))
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
 
 
-def write_summary(rows: list[dict], meta: dict, out: Path) -> Path:
-    """summary.md: the meta data and a markdown table (small enough to commit)."""
-    lines = [f"# Benchmark summary ({meta['date']})", ""]
+def write_summary(rows: list[dict], meta: dict, out: Path, headline: list[str]) -> Path:
+    """summary.md: what was measured and the headline ratios in words, then the meta data and a
+    markdown table (small enough to commit)."""
+    device = meta["device_name"]
+    measured = (
+        f"Measured on {device} ({meta['date']}, torch {meta['torch']}, our backend {meta['our_backend']}): "
+        f"median time of each case (forward, backward or both, fp32/bf16, contiguous and channels_last), "
+        f"world size {meta['world_size']}, providers of a case timed in the same run. A ratio below 1 means "
+        "triton_syncbn takes less time."
+    )
+    lines = [f"# Benchmark summary ({meta['date']})", "", measured, "", *headline, ""]
     lines += [f"- {key}: {value}" for key, value in meta.items() if value != ""]
-    lines += ["", "| shape | dtype | layout | mode | provider | median us | actual/copy | speedup | kernels | coll |"]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| ws | shape | dtype | layout | mode | provider | median us | actual/copy | speedup | kernels | coll |",
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         speedup = ", ".join(f"{k} {v:.2f}x" for k, v in (row.get("speedup_vs") or {}).items())
         kernels = "-" if row["kernels"] is None else row["kernels"]
         lines.append(
-            f"| {row['shape']} | {row['dtype']} | {row['layout']} | {row['mode']} | {row['provider']} | "
-            f"{row['median_us']} | {row['actual_fraction']} | {speedup} | {kernels} | {row['collectives']} |"
+            f"| {row.get('world_size', 1)} | {row['shape']} | {row['dtype']} | {row['layout']} | {row['mode']} | "
+            f"{row['provider']} | {row['median_us']} | {row['actual_fraction']} | {speedup} | {kernels} | "
+            f"{row['collectives']} |"
         )
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
@@ -204,7 +287,11 @@ def plot_comm_model(rows: list[dict], meta: dict, out: Path) -> Path:
     baseline = "torch_sync" if any(row["provider"] == "torch_sync" for row in rows) else "torch_bn"
     timed = {}
     for row in rows:
-        if row["mode"] == "forward+backward" and row["provider"] in ("triton_syncbn", baseline):
+        if (
+            row["mode"] == "forward+backward"
+            and row["provider"] in ("triton_syncbn", baseline)
+            and row.get("world_size", 1) == 1
+        ):
             timed.setdefault((row["shape"], row["dtype"], row["layout"]), {})[row["provider"]] = row
     chosen = next((key for key in timed if len(timed[key]) == 2), None)
     if chosen is None or meta["device"] != "cuda":

@@ -39,7 +39,9 @@ GPU_SHAPES = [
     Shape("S12", (20, 6, 65536), "few channels, long rows"),
 ]
 
-# The same families, scaled so that the default CPU run takes minutes on 2 cores.
+# The same families, scaled so that the default CPU run takes minutes on 2 cores (0.1-0.5 MB
+# fp32 per rank: latency-bound, where per-call overhead shows), then the per-rank shapes a CPU
+# training job really has (6-13 MB: bandwidth-bound), measured in issue 13.
 CPU_SHAPES = [
     Shape("S1", (8, 256, 7, 7), "S1 scaled for CPU: ResNet-50 layer4"),
     Shape("S2", (64, 1024), "S2 scaled for CPU: BatchNorm1d"),
@@ -47,6 +49,9 @@ CPU_SHAPES = [
     Shape("S4", (4, 64, 28, 28), "S4 scaled for CPU: ResNet layer1"),
     Shape("S10", (2, 16, 4, 14, 14), "S10 scaled for CPU: video, 5-D"),
     Shape("S12", (4, 6, 8192), "S12 scaled for CPU: few channels, long rows"),
+    Shape("C1", (8, 64, 56, 56), "CPU mid: ResNet layer1, 8 images per rank"),
+    Shape("C2", (32, 256, 14, 14), "CPU mid: ResNet layer3, 32 images per rank"),
+    Shape("C3", (256, 1024), "CPU mid: BatchNorm1d, projection head"),
 ]
 
 # Tiny shapes for the Triton interpreter (--interpret), which runs programs one by one in Python.

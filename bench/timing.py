@@ -1,7 +1,9 @@
 """Timing: median and p20/p80 of a callable, and the copy bandwidth of this device.
 
 GPU: ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed between runs). CPU: wall
-clock over repeated calls. Times are in microseconds.
+clock over repeated calls; the providers of one case are timed interleaved (one call of each in
+turn), so that load from other processes on a shared machine falls on all of them alike and
+their ratio stays meaningful. Times are in microseconds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,34 @@ def time_callable(
     deadline = time.perf_counter() + budget_ms / 1e3
     while len(samples) < (repeats or 5) or (repeats is None and time.perf_counter() < deadline and len(samples) < 200):
         samples.append(_time_once(function, device))
+    return _summarize(samples)
+
+
+def time_interleaved(
+    functions: dict[str, Callable[[], object]],
+    device: torch.device,
+    budget_ms: float = 200.0,
+    repeats: int | None = None,
+) -> dict[str, Timing]:
+    """Time several callables of one case: on CPU one call of each in turn (after a warm-up),
+    about ``budget_ms`` per callable or exactly ``repeats`` rounds (several ranks: every rank
+    must make the same calls); on a GPU each on its own (``time_callable``)."""
+    if device.type == "cuda":
+        return {name: time_callable(function, device, budget_ms, repeats) for name, function in functions.items()}
+    for function in functions.values():
+        for _ in range(3):  # warm-up: allocator, first-call caches
+            function()
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    deadline = time.perf_counter() + budget_ms * len(functions) / 1e3
+    rounds = 0
+    while rounds < (repeats or 5) or (repeats is None and time.perf_counter() < deadline and rounds < 200):
+        for name, function in functions.items():
+            samples[name].append(_time_once(function, device))
+        rounds += 1
+    return {name: _summarize(values) for name, values in samples.items()}
+
+
+def _summarize(samples: list[float]) -> Timing:
     deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
     return Timing(statistics.median(samples), deciles[1], deciles[7])
 

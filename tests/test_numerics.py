@@ -144,18 +144,7 @@ def test_gradcheck_single_process_interpreter(clusters) -> None:
     assert results[0] is True
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            "torch-cpu",
-            marks=pytest.mark.xfail(
-                strict=True, reason="torch_path shifts by a non-finite first element: +Inf mean becomes NaN"
-            ),
-        ),
-        "interpreter",
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_inputs_through_a_fused_relu(clusters, backend: str) -> None:
     """NaN and +-Inf reach the output through the fused relu and the running statistics as in
     torch.nn.BatchNorm1d followed by torch.relu (``tl.maximum`` would drop the NaN)."""

@@ -3,90 +3,175 @@
 Used when Triton's interpreter is off (the normal case on CPU), so CPU training over gloo works.
 Same inputs, outputs, dtypes and in-place effects as the Triton launchers; the tests hold both
 to the same float64 oracle.
+
+Every full-size pass is one of ATen's vectorized CPU batch-norm kernels, composed so that the
+synchronized result is exact: ``batch_norm_update_stats`` for the local moments,
+``native_batch_norm`` in eval form (``out = (src - m) * scale + shift`` per channel, written
+into the caller's buffer) for every per-channel affine map, and ``native_batch_norm_backward``
+(weight/bias gradients only) for the per-channel gradient sums. These kernels take a low-precision
+input with float32 per-channel tensors and compute in float32 (``native_batch_norm``'s "mixed
+type" mode), so no full-size casted copy is made (the one exception: the backward of a fused
+activation on bf16/fp16 input recomputes z and act'(z) in float32). They accept ``[N, C, S, 1]`` views of the
+``[N, C, S]`` channel views in both layouts: a channels_last ``[N, C, S]`` view (strides
+``(C * S, 1, C)``) is a channels_last ``[N, C, S, 1]`` tensor. Full-size memory per direction:
+the output (forward) and the input gradient (backward), plus one recomputed buffer in the
+backward of a fused activation.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
 from .layout import accumulation_dtype
 
-
-def _per_channel(view: torch.Tensor) -> torch.Tensor:
-    """``[N, C, S]`` -> ``[C, N * S]`` (a copy in the accumulation dtype)."""
-    return view.transpose(0, 1).reshape(view.shape[1], -1).to(accumulation_dtype(view.dtype))
+_aten = torch.ops.aten
 
 
-def _broadcast(per_channel: torch.Tensor) -> torch.Tensor:
-    """``[C]`` -> ``[1, C, 1]`` to broadcast over an ``[N, C, S]`` view."""
-    return per_channel.view(1, -1, 1)
+def _four_d(view: torch.Tensor) -> torch.Tensor:
+    """``[N, C, S]`` -> ``[N, C, S, 1]``, a view ATen's batch-norm kernels take in either layout.
+
+    The new unit dim gets the stride a dense tensor of that layout would give it (S's stride), so
+    ATen reads a channels_last view as channels_last and a contiguous one as contiguous whatever
+    its rules for unit dims (with ``unsqueeze``'s stride 1 a channels_last view was taken for
+    contiguous by some checks and not others, and gradients came out wrong).
+    """
+    return view.as_strided((*view.shape, 1), (*view.stride(), view.stride(2)), view.storage_offset())
 
 
-def _activation(z: torch.Tensor, activation: int, negative_slope: float) -> torch.Tensor:
-    """``act(z)`` for the codes of ``kernels.activation.ACTIVATION_CODES``."""
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``tensor`` in ``dtype`` (itself when it already is: no dispatch on the per-call path)."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _affine_into(
+    out: torch.Tensor,
+    src: torch.Tensor,
+    center: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+) -> None:
+    """``out = (src - center) * scale + shift`` per channel, ``[N, C, S]`` views, one pass.
+
+    ATen's eval-mode batch norm with unit variance and ``eps = 0``: its invstd is exactly 1, its
+    multiplier ``scale`` and its constant ``shift - center * scale`` (float32 for low-precision
+    input, float64 for float64), so the arithmetic is torch's own BatchNorm forward.
+    ``center``/``scale``/``shift`` are ``[C]`` in the accumulation dtype.
+    """
+    empty = center.new_empty(0)
+    _aten.native_batch_norm.out(
+        _four_d(src), scale, shift, center, torch.ones_like(center), False, 0.0, 0.0,
+        out=_four_d(out), save_mean=empty, save_invstd=empty,
+    )  # fmt: skip
+
+
+def _activation_(z: torch.Tensor, activation: int, negative_slope: float) -> None:
+    """``z = act(z)`` in place, for the codes of ``kernels.activation.ACTIVATION_CODES``."""
     if activation == ACTIVATION_CODES["relu"]:
-        return torch.relu(z)
-    if activation == ACTIVATION_CODES["leaky_relu"]:
-        return torch.where(z > 0, z, z * negative_slope)
-    if activation == ACTIVATION_CODES["silu"]:
-        return z * torch.sigmoid(z)
-    return z
+        z.relu_()
+    elif activation == ACTIVATION_CODES["leaky_relu"]:
+        F.leaky_relu_(z, negative_slope)
+    elif activation == ACTIVATION_CODES["silu"]:
+        F.silu(z, inplace=True)
 
 
-def _activation_backward(z: torch.Tensor, grad: torch.Tensor, activation: int, negative_slope: float) -> torch.Tensor:
-    """``grad * act'(z)``."""
+def _activation_backward_(z: torch.Tensor, grad: torch.Tensor, activation: int, negative_slope: float) -> None:
+    """``z = grad * act'(z)`` in place (``z`` holds the pre-activation and is overwritten)."""
     if activation == ACTIVATION_CODES["relu"]:
-        return torch.where(z > 0, grad, 0.0)
-    if activation == ACTIVATION_CODES["leaky_relu"]:
-        return torch.where(z > 0, grad, grad * negative_slope)
-    if activation == ACTIVATION_CODES["silu"]:
-        sigmoid = torch.sigmoid(z)
-        return grad * sigmoid * (1 + z * (1 - sigmoid))
-    return grad
+        _aten.threshold_backward.grad_input(grad, z, 0.0, grad_input=z)
+    elif activation == ACTIVATION_CODES["leaky_relu"]:
+        _aten.leaky_relu_backward.grad_input(grad, z, negative_slope, False, grad_input=z)
+    elif activation == ACTIVATION_CODES["silu"]:
+        _aten.silu_backward.grad_input(grad, z, grad_input=z)
+    else:
+        raise ValueError(f"no activation backward for code {activation}")
 
 
-def _pre_activation(
+def _pre_activation_into(
+    buffer: torch.Tensor,
     x: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
-) -> torch.Tensor:
-    """``z = (x - mean) * invstd * weight + bias (+ residual)`` ``[N, C, S]`` in the accumulation dtype."""
+) -> None:
+    """``buffer = (x - mean) * invstd * weight + bias (+ residual)`` ``[N, C, S]``, x's dtype.
+
+    Bitwise the forward's pre-activation (same kernels, same per-channel values), so the
+    backward's activation masks match the forward's.
+    """
     acc_dtype = mean.dtype
-    scale = invstd if weight is None else invstd * weight.to(acc_dtype)
-    z = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(scale)
-    if bias is not None:
-        z = z + _broadcast(bias.to(acc_dtype))
+    scale = invstd if weight is None else invstd * _as(weight, acc_dtype)
+    _affine_into(buffer, x, mean, scale, _as(bias, acc_dtype))
     if residual is not None:
-        z = z + residual.to(acc_dtype)
-    return z
+        buffer.add_(residual)
 
 
 def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
     """Local per-channel float64 ``[3, C]`` (count, sum, sum of squares) of ``x`` ``[N, C, S]``.
 
-    As in the kernels: values are shifted by each channel's first element (the pilot) so the
-    accumulation-dtype mean stays accurate when |mean| >> std, the squared deviations are taken
-    about that mean (two passes), and the moments are expanded into sums in float64.
+    The moments come from ATen's ``batch_norm_update_stats`` (torch's own BatchNorm statistics:
+    float64 accumulation of the sum for float32 input, the squared deviations ``V = mean((x -
+    m)^2)`` taken about the mean ``m`` in a second pass, float32 accumulation for bf16/fp16,
+    float64 for float64), so a local batch is exactly as accurate as torch's BatchNorm on it.
+    They are expanded into float64 sums ``[n, n * m + d, n * V + n * m^2 + 2 * m * d]`` with
+    ``d = sum(x - m)``, an exact identity. ``m`` comes back rounded to float32, so ``d`` is
+    not 0: it is below half an ulp of ``m`` per value, and negligible unless |m| >> std, where it
+    would bias the between-rank part of the global variance by ~2^-23 * |m| / std (1.6e-5 at
+    mean 2e4, std 2). Channels with |m| > 8 std therefore get ``d`` measured (one extra pass and
+    a float32 temporary, only for such data; ordinary data, even after a ReLU, never pays it).
     """
-    values = _per_channel(x)
-    channels, count = values.shape
-    packed = torch.zeros(3, channels, dtype=torch.float64, device=x.device)
-    packed[0] = count
+    channels = x.shape[1]
+    count = x.shape[0] * x.shape[2]
     if count == 0:
-        return packed
-    pilot = values[:, :1]
-    shifted = values - pilot
-    shifted_mean = shifted.mean(dim=1)
-    m2 = (shifted - shifted_mean[:, None]).square().sum(dim=1)
-    mean64 = pilot[:, 0].to(torch.float64) + shifted_mean.to(torch.float64)
-    packed[1] = count * mean64
-    packed[2] = m2.to(torch.float64) + count * mean64 * mean64
+        return torch.zeros(3, channels, dtype=torch.float64, device=x.device)
+    acc_dtype = accumulation_dtype(x.dtype)
+    # A float32 placeholder makes the kernel run in its "mixed type" mode for bf16/fp16 input,
+    # which returns float32 moments (without it they come back rounded to bf16/fp16); with a
+    # momentum of 0 it is left as it is.
+    placeholder = None if acc_dtype == x.dtype else x.new_zeros(channels, dtype=acc_dtype)
+    mean, var = torch.batch_norm_update_stats(_four_d(x), placeholder, placeholder, 0.0)
+    mean64, var64 = torch.stack((mean, var)).to(torch.float64).unbind(0)
+    packed = torch.stack((torch.ones_like(mean64), mean64, torch.addcmul(var64, mean64, mean64))).mul_(count)
+    # |m| > 8 std  <=>  V - m^2 / 64 < 0 (one op and a CPU read, which costs no sync)
+    if acc_dtype != torch.float64 and float(torch.addcmul(var, mean, mean, value=-1.0 / 64.0).min()) < 0.0:
+        offset = torch.sub(x, mean.view(1, -1, 1)).sum(dim=(0, 2)).to(torch.float64)  # d = sum(x - m)
+        packed[1].add_(offset)
+        packed[2].add_(offset * mean64, alpha=2.0)
     return packed
+
+
+def _finalize(
+    stats: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global float64 ``(mean, invstd)`` from the all-reduced sums; running statistics updated
+    (``momentum=None``: the cumulative average) and ``num_batches_tracked`` incremented.
+
+    Every channel has the same count, and this is the CPU path: reading it (and the cumulative
+    momentum's ``num_batches_tracked``) as Python numbers costs no device synchronization and
+    saves a dozen per-channel ops.
+    """
+    count = float(stats[0, 0])
+    inv_count = 1.0 / max(count, 1.0)
+    mean64 = stats[1] * inv_count
+    m2 = torch.addcmul(stats[2], stats[1], mean64, value=-1.0).clamp_(min=0.0)
+    invstd64 = torch.mul(m2, inv_count).add_(eps).rsqrt_()
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    # An all-empty global batch (count 0) leaves the running statistics as they are.
+    if running_mean is not None and running_var is not None and count > 0:
+        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+        running_mean.lerp_(mean64.to(running_mean.dtype), factor)
+        running_var.lerp_(torch.mul(m2, 1.0 / max(count - 1.0, 1.0)).to(running_var.dtype), factor)
+    return mean64, invstd64
 
 
 def normalize(
@@ -98,43 +183,69 @@ def normalize(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     num_batches_tracked: torch.Tensor | None,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     residual: torch.Tensor | None = None,
     activation: int = 0,
     negative_slope: float = 0.0,
     tiling: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``launchers.normalize``."""
+    """Same contract as ``launchers.normalize``.
+
+    One pass writes ``out`` (ATen's BatchNorm transform with the global statistics); a residual
+    and an activation are applied to ``out`` in place (one pass each, as torch's BN + add + act).
+    """
     acc_dtype = accumulation_dtype(x.dtype)
     if stats is not None:
-        count, total, total_sq = stats.unbind(0)
-        safe_count = count.clamp(min=1.0)
-        mean64 = total / safe_count
-        m2 = (total_sq - total * mean64).clamp(min=0.0)
-        var64 = m2 / safe_count
-        mean = mean64.to(acc_dtype)
-        invstd = (1.0 / torch.sqrt(var64 + eps)).to(acc_dtype)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if running_mean is not None and running_var is not None:
-            if momentum is None:
-                factor = 1.0 / num_batches_tracked.to(torch.float64)
-            else:
-                factor = torch.tensor(float(momentum), dtype=torch.float64)
-            update = count > 0
-            unbiased_var = m2 / (count - 1.0).clamp(min=1.0)
-            old_mean = running_mean.to(torch.float64)
-            old_var = running_var.to(torch.float64)
-            new_mean = torch.where(update, old_mean + factor * (mean64 - old_mean), old_mean)
-            new_var = torch.where(update, old_var + factor * (unbiased_var - old_var), old_var)
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+        mean64, invstd64 = _finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps)
+        mean, invstd = mean64.to(acc_dtype), invstd64.to(acc_dtype)
     else:
         mean = running_mean.to(acc_dtype, copy=True)  # an output must not alias the buffer
-        invstd = 1.0 / torch.sqrt(running_var.to(acc_dtype) + eps)
-    out.copy_(_activation(_pre_activation(x, mean, invstd, weight, bias, residual), activation, negative_slope))
+        invstd = torch.rsqrt(running_var.to(acc_dtype) + eps)
+    if x.numel() > 0:
+        _pre_activation_into(out, x, mean, invstd, weight, bias, residual)
+        _activation_(out, activation, negative_slope)
     return mean, invstd
+
+
+def _grad_before_activation(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: int,
+    negative_slope: float,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``grad_out * act'(z)`` ``[N, C, S]``, z recomputed from x into ``buffer``.
+
+    In the input dtype, except for bf16/fp16 input with an activation: float32 then.
+
+    Identity: ``grad_out`` itself, no pass. ``buffer`` (x's shape) is used when given and laid
+    out like x, else a new tensor is.
+    """
+    if activation == ACTIVATION_CODES["identity"]:
+        return grad_out
+    acc_dtype = accumulation_dtype(x.dtype)
+    if acc_dtype != x.dtype:
+        # bf16/fp16: act'(z) and its product with dy in float32, as the kernels do (a bf16 z or
+        # product costs silu's gradient sums ~1e-3), at the price of float32 temporaries.
+        z = torch.empty_like(x, dtype=acc_dtype)
+        z.copy_(x)
+        scale = invstd if weight is None else invstd * _as(weight, acc_dtype)
+        _affine_into(z, z, mean, scale, _as(bias, acc_dtype))
+        if residual is not None:
+            z.add_(residual)
+        _activation_backward_(z, grad_out.to(acc_dtype), activation, negative_slope)
+        return z
+    if buffer is None or buffer.stride() != x.stride():
+        buffer = torch.empty_like(x)
+    _pre_activation_into(buffer, x, mean, invstd, weight, bias, residual)
+    _activation_backward_(buffer, grad_out, activation, negative_slope)
+    return buffer
 
 
 def backward_reduce(
@@ -151,15 +262,28 @@ def backward_reduce(
     negative_slope: float = 0.0,
     tiling: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as ``launchers.backward_reduce``."""
-    grad_out = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope)
-    dy = _per_channel(grad_out)
-    centered = _per_channel(x) - mean[:, None]
-    sum_dy = dy.sum(dim=1)
-    sum_dy_xhat = (dy * centered).sum(dim=1) * invstd
-    sums = torch.stack([sum_dy, sum_dy_xhat])
-    grad_weight = None if weight_grad_dtype is None else sum_dy_xhat.to(weight_grad_dtype)
-    grad_bias = None if bias_grad_dtype is None else sum_dy.to(bias_grad_dtype)
+    """Same contract as ``launchers.backward_reduce``.
+
+    ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` per channel in one pass (ATen's BatchNorm
+    backward asked for the weight and bias gradients only).
+    """
+    channels = x.shape[1]
+    acc_dtype = mean.dtype
+    if x.shape[0] * x.shape[2] == 0:
+        sums = torch.zeros(2, channels, dtype=acc_dtype, device=x.device)
+    else:
+        dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope)
+        source = x if dy.dtype == x.dtype else x.to(dy.dtype)  # a float32 dy of a fused bf16/fp16 activation
+        _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
+            _four_d(dy), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+        )
+        # ``sums`` is a new tensor (the caller all-reduces it in place); the gradients are ATen's.
+        sums = torch.stack((sum_dy, sum_dy_xhat))
+        grad_weight = None if weight_grad_dtype is None else _as(sum_dy_xhat, weight_grad_dtype)
+        grad_bias = None if bias_grad_dtype is None else _as(sum_dy, bias_grad_dtype)
+        return sums, grad_weight, grad_bias
+    grad_weight = None if weight_grad_dtype is None else sums[1].to(weight_grad_dtype, copy=True)
+    grad_bias = None if bias_grad_dtype is None else sums[0].to(bias_grad_dtype, copy=True)
     return sums, grad_weight, grad_bias
 
 
@@ -179,37 +303,37 @@ def backward_dx(
     negative_slope: float = 0.0,
     tiling: object = None,
 ) -> None:
-    """Same contract as ``launchers.backward_dx``."""
-    acc_dtype = accumulation_dtype(x.dtype)
-    scale = invstd if weight is None else invstd * weight.to(acc_dtype)
-    dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope)
-    if grad_residual is not None:
+    """Same contract as ``launchers.backward_dx``.
+
+    With batch statistics, ``dx = s * (dy - sum_dy / n - (x - mean) * invstd * sum_dy_xhat / n)``
+    (``s = weight * invstd``) in two passes over ``out``: the x term
+    ``(x - mean) * (-s * k) - s * sum_dy / n`` (``k = invstd * sum_dy_xhat / n``) by ATen's
+    BatchNorm transform, then ``out += s * dy`` (``torch.addcmul``). With running statistics,
+    ``dx = s * dy`` in one pass.
+    """
+    if x.shape[0] * x.shape[2] == 0:
+        return
+    # A fused activation's dy * act'(z) goes into the residual's gradient, which it is, when that
+    # is wanted; else into a new buffer (``out`` is overwritten below while dy is still read).
+    dy = _grad_before_activation(
+        grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope, buffer=grad_residual
+    )
+    if grad_residual is not None and dy is not grad_residual:  # a float32 dy, or another layout
         grad_residual.copy_(dy)
     if out is None:
         return
-    if sums is not None and count is not None:
-        safe_count = count.clamp(min=1.0)
-        mean_dy = (sums[0] / safe_count).to(acc_dtype)
-        mean_dy_xhat = (sums[1] / safe_count).to(acc_dtype)
-        xhat = (x.to(acc_dtype) - _broadcast(mean)) * _broadcast(invstd)
-        dy = dy - _broadcast(mean_dy) - xhat * _broadcast(mean_dy_xhat)
-    out.copy_(dy * _broadcast(scale))
-
-
-def _grad_before_activation(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: int,
-    negative_slope: float,
-) -> torch.Tensor:
-    """``grad_out * act'(z)`` ``[N, C, S]`` in the accumulation dtype, z recomputed from x."""
-    grad = grad_out.to(mean.dtype)
-    if activation == ACTIVATION_CODES["identity"]:
-        return grad
-    z = _pre_activation(x, mean, invstd, weight, bias, residual)
-    return _activation_backward(z, grad, activation, negative_slope)
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    if sums is None or count is None:
+        if dy.dtype == x.dtype:
+            _affine_into(out, dy, torch.zeros_like(scale), scale, None)
+        else:
+            torch.mul(dy, scale.view(1, -1, 1), out=out)
+        return
+    # -[mean(dy), mean(dy * xhat)] over the global batch (every channel has the same count; a
+    # Python number on the CPU path)
+    negative_means = sums * (-1.0 / max(float(count[0]), 1.0))
+    x_factor = (scale * invstd).mul_(negative_means[1])
+    _affine_into(out, x, mean, x_factor, scale * negative_means[0])
+    # out += s * dy: in dy's dtype, so a bf16/fp16 dy is never copied to float32 (s is then
+    # rounded to that dtype, ~1 ulp of the result).
+    out.addcmul_(dy, _as(scale, dy.dtype).view(1, -1, 1))

@@ -1,0 +1,156 @@
+"""The plain-torch CPU path: as accurate as torch's BatchNorm on ordinary data, and lean.
+
+Issue 10 item 5 (CPU side): on normal data the batch mean (observed as ``running_mean`` after one
+step with momentum 1.0), the running variance and the weight/bias gradients are held to at most 2x
+the relative error of ``torch.nn.functional.batch_norm`` run in float32 on the same (global)
+batch, both against the float64 oracle; in one process and on 2 gloo ranks. The large-offset
+bounds stay in ``test_numerics.py``. Issue 13: no full-size temporary beyond the output
+(forward) and the input gradient (backward) in the steady state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rank_tasks
+from oracle import Case, global_batch, initial_state, memory_format_of, oracle, relative_l2_error
+from triton_syncbn import SyncBatchNorm
+
+QUANTITIES = ("running_mean", "running_var", "weight_grad", "bias_grad", "output", "input_grad")
+
+# Ordinary data: per-channel means N(0, 2), stds in [0.5, 2], random weights; one step, momentum 1.
+SINGLE = [
+    Case(batches=(32,), tail=(16, 14, 14), momentum=1.0, steps=1),
+    Case(batches=(32,), tail=(16, 14, 14), momentum=1.0, steps=1, channels_last=True),
+    Case(batches=(256,), tail=(64,), momentum=1.0, steps=1),
+    Case(batches=(4,), tail=(8, 4, 8, 8), momentum=1.0, steps=1, channels_last=True),
+]
+TWO_RANKS = [
+    Case(batches=(16, 12), tail=(16, 12, 12), momentum=1.0, steps=1),
+    Case(batches=(16, 12), tail=(16, 12, 12), momentum=1.0, steps=1, channels_last=True),
+]
+
+
+def torch_float32(case: Case) -> dict[str, torch.Tensor]:
+    """torch's BatchNorm in float32 on the whole global batch of ``case`` (one step)."""
+    state = initial_state(case)
+    x, dy = (t.float().contiguous(memory_format=memory_format_of(case)) for t in global_batch(case, 0))
+    x.requires_grad_(True)
+    weight = state["weight"].float().requires_grad_(True)
+    bias = state["bias"].float().requires_grad_(True)
+    running_mean, running_var = state["running_mean"].float(), state["running_var"].float()
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, True, case.momentum, case.eps)
+    input_grad, weight_grad, bias_grad = torch.autograd.grad(y, (x, weight, bias), dy)
+    return {
+        "running_mean": running_mean, "running_var": running_var, "weight_grad": weight_grad,
+        "bias_grad": bias_grad, "output": y.detach(), "input_grad": input_grad,
+    }  # fmt: skip
+
+
+def ours_from_ranks(per_rank: list[dict]) -> dict[str, torch.Tensor]:
+    """The group's results: outputs and input grads concatenated, weight/bias grads (local on each
+    rank, as DDP expects) summed over the ranks, running statistics of rank 0."""
+    return {
+        "running_mean": per_rank[0]["running_mean"],
+        "running_var": per_rank[0]["running_var"],
+        "weight_grad": sum(rank["weight_grads"][0] for rank in per_rank),
+        "bias_grad": sum(rank["bias_grads"][0] for rank in per_rank),
+        "output": torch.cat([rank["outputs"][0] for rank in per_rank]),
+        "input_grad": torch.cat([rank["input_grads"][0] for rank in per_rank]),
+    }
+
+
+def assert_within_twice_torch(case: Case, ours: dict[str, torch.Tensor]) -> None:
+    expected = oracle(case)
+    expected = {
+        "running_mean": expected["running_mean"], "running_var": expected["running_var"],
+        "weight_grad": expected["weight_grads"][0], "bias_grad": expected["bias_grads"][0],
+        "output": expected["outputs"][0], "input_grad": expected["input_grads"][0],
+    }  # fmt: skip
+    reference = torch_float32(case)
+    report = {}
+    for name in QUANTITIES:
+        mine = relative_l2_error(ours[name], expected[name])
+        theirs = relative_l2_error(reference[name], expected[name])
+        # 2**-24: one float32 rounding of the stored result, which no float32 output avoids
+        report[name] = (mine, theirs, mine <= max(2 * theirs, 2.0**-24))
+    failed = {name: values for name, values in report.items() if not values[2]}
+    assert not failed, f"{case.id}: (ours, torch) relative errors above 2x torch's: {failed}; all: {report}"
+
+
+@pytest.mark.parametrize("case", SINGLE, ids=lambda case: case.id)
+def test_accuracy_within_twice_torch_single_process(case: Case) -> None:
+    result = rank_tasks.run_case_as(case, None, 0)
+    assert_within_twice_torch(case, ours_from_ranks([result]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", TWO_RANKS, ids=lambda case: case.id)
+def test_accuracy_within_twice_torch_two_ranks(clusters, case: Case) -> None:
+    per_rank = clusters("torch-cpu").run(rank_tasks.run_case, case)[: case.world]
+    assert_within_twice_torch(case, ours_from_ranks(per_rank))
+
+
+# Far from zero (|mean| / std = 1e4) and far below eps: the per-rank means come back from ATen
+# rounded to float32, which alone would bias the between-rank variance by ~1e-5 (the sum of
+# deviations from the rounded mean is measured for such channels instead).
+OFFSET_CASES = [
+    Case(batches=(6, 4), tail=(3, 8, 8), mean_offset=2e4, mean_scale=0.0, std_range=(2.0, 2.0), momentum=1.0, steps=1),
+    Case(
+        batches=(5, 3), tail=(3, 6, 6), mean_offset=1.0, mean_scale=0.0, std_range=(1e-4, 1e-4), momentum=1.0, steps=1
+    ),
+    Case(
+        batches=(6, 4),
+        tail=(3, 8, 8),
+        mean_offset=2e4,
+        mean_scale=0.0,
+        std_range=(2.0, 2.0),
+        momentum=1.0,
+        steps=1,
+        channels_last=True,
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda case: case.id)
+def test_running_var_within_twice_torch_far_from_zero_two_ranks(clusters, case: Case) -> None:
+    per_rank = clusters("torch-cpu").run(rank_tasks.run_case, case)[: case.world]
+    expected = oracle(case)["running_var"]
+    mine = relative_l2_error(per_rank[0]["running_var"], expected)
+    theirs = relative_l2_error(torch_float32(case)["running_var"], expected)
+    assert mine <= max(2 * theirs, 2.0**-24), (mine, theirs)
+
+
+def large_allocations(function, threshold: int) -> list[int]:
+    """Sizes of the CPU allocations of at least ``threshold`` bytes made by ``function()``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        function()
+    sizes = (event.self_cpu_memory_usage for event in profile.events())  # self: each allocation once
+    return [size for size in sizes if size >= threshold]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
+def test_no_full_size_temporaries(dtype: torch.dtype, channels_last: bool) -> None:
+    """Forward allocates the output and nothing else full-size; backward the input gradient."""
+    x = torch.randn(8, 16, 24, 24, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = torch.randn_like(x)
+    module = SyncBatchNorm(16)
+    size = x.numel() * x.element_size()
+    module(x)  # first call: lazy state
+    output = None
+
+    def forward() -> None:
+        nonlocal output
+        output = module(x)
+
+    forward_allocations = large_allocations(forward, size // 2)
+    assert forward_allocations == [size], forward_allocations
+    backward_allocations = large_allocations(lambda: output.backward(dy), size // 2)
+    assert backward_allocations == [size], backward_allocations
