@@ -143,6 +143,7 @@ def training_step_launches(
     (meta tensors are enough), as the module makes them: statistics, normalize with the running
     statistics and ``num_batches_tracked`` updated, gradient sums, input gradient. Keyed by
     direction ("forward", "backward"); ``tiling`` forces block sizes (tests)."""
+    from triton_syncbn.contract import Epilogue, RunningStats, SavedStatistics
     from triton_syncbn.layout import channel_view, empty_output_like
 
     dispatch, launches = recording(programs)
@@ -151,23 +152,21 @@ def training_step_launches(
     per_channel = torch.empty(channels, device=x.device)
     counter = torch.empty((), dtype=torch.int64, device=x.device)
     residual_view = channel_view(torch.empty_like(x)) if residual else None
-    options = {"activation": activation, "negative_slope": 0.01, "tiling": tiling, "dispatch": dispatch}
-    stats = launchers.partial_stats(view, tiling=tiling, dispatch=dispatch)
+    epilogue = Epilogue(residual_view, activation, 0.01)
+    options = {"tiling": tiling, "dispatch": dispatch}
+    stats = launchers.partial_stats(view, **options)
     _, out = empty_output_like(x)
-    mean, invstd = launchers.normalize(
-        view, out, per_channel, per_channel, stats, per_channel, per_channel, counter, 0.1, 1e-5,
-        residual=residual_view, **options,
-    )  # fmt: skip
+    running = RunningStats(per_channel, per_channel, counter, 0.1)
+    mean, invstd = launchers.normalize(view, out, per_channel, per_channel, stats, running, 1e-5, epilogue, **options)
     forward = list(launches)
     launches.clear()
+    saved = SavedStatistics(mean, invstd, stats[0])
     sums, _, _ = launchers.backward_reduce(
-        view, view, mean, invstd, torch.float32, torch.float32, weight=per_channel, bias=per_channel,
-        residual=residual_view, **options,
-    )  # fmt: skip
+        view, view, per_channel, per_channel, saved, epilogue, torch.float32, torch.float32, **options
+    )
     _, grad_in = empty_output_like(x)
     grad_residual = channel_view(torch.empty_like(x)) if residual else None
     launchers.backward_dx(
-        view, view, grad_in, mean, invstd, per_channel, sums, stats[0], bias=per_channel, residual=residual_view,
-        grad_residual=grad_residual, **options,
-    )  # fmt: skip
+        view, view, grad_in, per_channel, per_channel, saved, sums, epilogue, grad_residual, **options
+    )
     return {"forward": forward, "backward": list(launches)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from triton_syncbn import launchers, torch_path
+from triton_syncbn.contract import Epilogue, RunningStats, SavedStatistics
 from triton_syncbn.kernels import INTERPRETED
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 from triton_syncbn.layout import channel_view, empty_output_like
@@ -117,13 +118,13 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
     if case.residual is not None:
         residual = _layout(inputs["residual"].to(case.dtype), case.layout if case.residual == "same" else "contiguous")
     code = ACTIVATION_CODES[case.activation or "identity"]
-    epilogue = {"activation": code, "negative_slope": NEGATIVE_SLOPE}
     x_view, dy_view = channel_view(x), channel_view(dy)
     residual_view = None if residual is None else channel_view(residual)
+    epilogue = Epilogue(residual_view, code, NEGATIVE_SLOPE)
     tiling = _tiling(case, x_view)
     results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
     for name, backend in (("triton", launchers), ("torch", torch_path)):
-        options = {"tiling": tiling}
+        options = {"tiling": tiling} if name == "triton" else {}
         if name == "triton" and case.programs:
             options["dispatch"] = launchers.Dispatch(programs=case.programs)
         running_mean = inputs["running_mean"].to(parameter_dtype(case), copy=True)  # each backend its own
@@ -133,15 +134,14 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
         output, output_view = empty_output_like(x)
         output.fill_(float("nan"))
         batch = case.mode != "running"
+        running = RunningStats(running_mean, running_var, num_batches, None if case.mode == "cumulative" else 0.25)
         mean, invstd = backend.normalize(
-            x_view, output_view, weight, bias, stats if batch else None, running_mean, running_var,
-            num_batches, None if case.mode == "cumulative" else 0.25, 1e-3, residual=residual_view, **epilogue,
-            **options,
-        )  # fmt: skip
+            x_view, output_view, weight, bias, stats if batch else None, running, 1e-3, epilogue, **options
+        )
+        saved = SavedStatistics(mean, invstd, stats[0] if batch else stats.new_empty(0))
         sums, grad_weight, grad_bias = backend.backward_reduce(
-            dy_view, x_view, mean, invstd, None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype, weight=weight, bias=bias, residual=residual_view, **epilogue,
-            **options,
+            dy_view, x_view, weight, bias, saved, epilogue,
+            None if weight is None else weight.dtype, None if bias is None else bias.dtype, **options,
         )  # fmt: skip
         grad_input, grad_input_view = empty_output_like(x)
         grad_input.fill_(float("nan"))
@@ -150,9 +150,8 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
             grad_residual, grad_residual_view = empty_output_like(residual)
             grad_residual.fill_(float("nan"))
         backend.backward_dx(
-            dy_view, x_view, grad_input_view, mean, invstd, weight,
-            sums if batch else None, stats[0] if batch else None, bias=bias, residual=residual_view,
-            grad_residual=grad_residual_view, **epilogue, **options,
+            dy_view, x_view, grad_input_view, weight, bias, saved, sums if batch else None, epilogue,
+            grad_residual_view, **options,
         )  # fmt: skip
         results["strides_kept"][name] = output.stride() == grad_input.stride() and (
             case.layout in ("sliced", "permuted") or output.stride() == x.stride()

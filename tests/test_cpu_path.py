@@ -154,3 +154,27 @@ def test_no_full_size_temporaries(dtype: torch.dtype, channels_last: bool) -> No
     assert forward_allocations == [size], forward_allocations
     backward_allocations = large_allocations(lambda: output.backward(dy), size // 2)
     assert backward_allocations == [size], backward_allocations
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
+def test_low_precision_input_gradient_within_twice_torch(dtype: torch.dtype, channels_last: bool) -> None:
+    """bf16/fp16 input, float32 parameters: the input gradient's two terms cancel where it is
+    small, so they must be summed before rounding (as torch does), not each rounded first."""
+    generator = torch.Generator().manual_seed(3)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(16, 8, 12, 12, generator=generator) * 1.5 + 0.5).to(dtype).contiguous(memory_format=memory_format)
+    # dy close to a per-channel affine function of x: the gradient through the statistics cancels most of it
+    dy = (x.float() * 0.8 + 0.3 + 0.05 * torch.randn(x.shape, generator=generator)).to(dtype)
+    weight = torch.rand(8, generator=generator) + 0.5
+    grads = {}
+    for name, module in (("ours", SyncBatchNorm(8)), ("torch", torch.nn.BatchNorm2d(8))):
+        with torch.no_grad():
+            module.weight.copy_(weight)
+        leaf = x.clone().requires_grad_(True)
+        module(leaf).backward(dy)
+        grads[name] = leaf.grad
+    exact_x = x.double().requires_grad_(True)
+    F.batch_norm(exact_x, None, None, weight.double(), None, True).backward(dy.double())
+    ours, theirs = (relative_l2_error(grads[name], exact_x.grad) for name in ("ours", "torch"))
+    assert ours <= 2 * theirs, (ours, theirs)

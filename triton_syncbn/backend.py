@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
 from triton_syncbn.kernels import INTERPRETED
 
 from . import launchers, torch_path
+from .contract import KernelBackend
 
 
-def kernel_backend(tensor: torch.Tensor) -> ModuleType:
-    """The module whose ``partial_stats``/``normalize``/``backward_*`` functions handle ``tensor``.
+def kernel_backend(tensor: torch.Tensor) -> KernelBackend:
+    """The ``contract.KernelBackend`` (a module) whose stages handle ``tensor``.
 
     - CUDA tensors: the compiled Triton kernels (``launchers``).
     - CPU tensors under ``TRITON_INTERPRET=1`` (set before triton was imported): the same

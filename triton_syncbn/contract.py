@@ -2,7 +2,8 @@
 
 ``Epilogue`` (the fused residual add and activation) and ``RunningStats`` (the buffers and their
 update rule) are what every layer below the module passes on; ``ForwardCall`` and
-``BackwardCall`` are one call's worth of each direction. Flat argument lists exist only where
+``BackwardCall`` are one call's worth of each direction; ``KernelBackend`` is what a kernel
+backend implements. Flat argument lists exist only where
 ``torch.autograd.Function.apply`` and ``torch.library`` need them: ``FORWARD_FIELDS`` /
 ``BACKWARD_FIELDS`` name their positions, and ``flat()`` / ``from_flat()`` build and parse
 them by name, so adding an option means adding one field here and one name there.
@@ -11,6 +12,7 @@ them by name, so adding an option means adding one field here and one name there
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -198,3 +200,61 @@ BACKWARD_FIELDS = (
     "grad_output", "input", "residual", "weight", "bias", "mean", "invstd", "count", "group_name", "activation",
     "negative_slope", "needs",
 )  # fmt: skip
+
+
+@runtime_checkable
+class KernelBackend(Protocol):
+    """The four stages every kernel backend implements (``launchers``: Triton kernels;
+    ``torch_path``: ATen ops on CPU), on ``[N, C, S]`` views (``layout.channel_view``).
+
+    A backend may take keyword-only options after these (the launchers' ``tiling`` and
+    ``dispatch``); ``tests/test_contract.py`` checks that both modules match this signature.
+    """
+
+    def partial_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """Local float64 ``[3, C]``: count, sum, sum of squares per channel of ``x``."""
+        ...
+
+    def normalize(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        stats: torch.Tensor | None,
+        running: RunningStats | None,
+        eps: float,
+        epilogue: Epilogue,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``out``; batch statistics from the global ``stats`` (updating ``running``) or
+        the running ones when ``stats`` is None; return ``(mean, invstd)`` as used."""
+        ...
+
+    def backward_reduce(
+        self,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        saved: SavedStatistics,
+        epilogue: Epilogue,
+        weight_grad_dtype: torch.dtype | None,
+        bias_grad_dtype: torch.dtype | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(sums [2, C], grad_weight, grad_bias)``: local sum(dy), sum(dy * xhat)."""
+        ...
+
+    def backward_dx(
+        self,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        out: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        saved: SavedStatistics,
+        sums: torch.Tensor | None,
+        epilogue: Epilogue,
+        grad_residual: torch.Tensor | None = None,
+    ) -> None:
+        """Write the input gradient into ``out`` (and the residual's into ``grad_residual``)."""
+        ...

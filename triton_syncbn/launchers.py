@@ -25,6 +25,7 @@ from triton_syncbn.kernels import (
     _partial_stats_kernel,
 )
 
+from .contract import Epilogue, RunningStats, SavedStatistics
 from .layout import accumulation_dtype
 
 # Elements each thread holds per step (16 fp32 = 64 bytes, 16 bf16 = 32 bytes in flight per load).
@@ -309,7 +310,7 @@ def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 def partial_stats(
-    x: torch.Tensor, tiling: Tiling | None = None, dispatch: Dispatch = _DEFAULT_DISPATCH
+    x: torch.Tensor, *, tiling: Tiling | None = None, dispatch: Dispatch = _DEFAULT_DISPATCH
 ) -> torch.Tensor:
     """Local per-channel statistics of ``x`` ``[N, C, S]``.
 
@@ -348,29 +349,29 @@ def normalize(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     stats: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    momentum: float | None,
+    running: RunningStats | None,
     eps: float,
-    residual: torch.Tensor | None = None,
-    activation: int = 0,
-    negative_slope: float = 0.0,
+    epilogue: Epilogue,
+    *,
     tiling: Tiling | None = None,
     dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``out`` = ``act(weight * (x - mean) * invstd + bias [+ residual])``, all ``[N, C, S]``.
 
-    ``activation`` is a code of ``kernels.activation.ACTIVATION_CODES`` (0: none).
+    ``epilogue.residual`` (an ``[N, C, S]`` view or None) and ``epilogue.activation`` (a code of
+    ``kernels.activation.ACTIVATION_CODES``) are fused.
 
     With ``stats`` (float64 ``[3, C]`` global count, sum, sum of squares) the batch statistics
-    are used; ``running_mean``/``running_var`` ``[C]``, when given, are updated in place with
-    ``momentum``, or with ``1 / num_batches_tracked`` (after its increment) when ``momentum`` is
-    None (the cumulative average); a zero global count leaves them unchanged. The int64 scalar
-    ``num_batches_tracked``, when given with ``stats``, is incremented by one, on the device,
-    in this same launch. Without ``stats`` the running statistics are used and nothing is
-    updated. Returns ``(mean, invstd)`` ``[C]`` in the accumulation dtype, as used, for backward.
+    are used and ``running`` (when given) is updated in place by its rule
+    (``contract.RunningStats``); a zero global count leaves the statistics unchanged, and
+    ``running.num_batches_tracked`` is incremented on the device, in this same launch. Without
+    ``stats`` ``running`` normalizes and nothing is updated. Returns ``(mean, invstd)`` ``[C]``
+    in the accumulation dtype, as used, for backward.
     """
+    running_mean, running_var = (None, None) if running is None else (running.mean, running.var)
+    num_batches_tracked = None if running is None else running.num_batches_tracked
+    momentum = None if running is None else running.momentum
+    residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     x, out, residual = _collapsed(x, out, residual)
     channels = x.shape[1]
     tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device), reduction=False)
@@ -398,28 +399,29 @@ def normalize(
 def backward_reduce(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
+    epilogue: Epilogue,
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    activation: int = 0,
-    negative_slope: float = 0.0,
+    *,
     tiling: Tiling | None = None,
     dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-channel ``sum(dy)`` and ``sum(dy * xhat)`` of ``grad_out``, ``x`` ``[N, C, S]``.
 
-    With a fused ``activation``, ``dy`` is the gradient at the activation's input, recomputed
-    from ``x``, ``mean``, ``invstd``, ``weight``, ``bias`` and ``residual`` (as in the forward).
+    With a fused activation, ``dy`` is the gradient at the activation's input, recomputed from
+    ``x``, the saved ``mean``/``invstd``, ``weight``, ``bias`` and ``epilogue.residual`` (as in
+    the forward).
 
     Returns ``(sums, grad_weight, grad_bias)``: ``sums`` is ``[2, C]`` in the accumulation
     dtype (what backward all-reduces); the local parameter grads ``[C]`` are returned in the
     given dtypes, or None where the dtype is None.
     """
-    residual = residual if activation else None
+    mean, invstd = saved.mean, saved.invstd
+    activation, negative_slope = epilogue.activation, epilogue.negative_slope
+    residual = epilogue.residual if activation else None
     grad_out, x, residual = _collapsed(grad_out, x, residual)
     channels = x.shape[1]
     tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
@@ -454,16 +456,13 @@ def backward_dx(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     out: torch.Tensor | None,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
     sums: torch.Tensor | None,
-    count: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
+    epilogue: Epilogue,
     grad_residual: torch.Tensor | None = None,
-    activation: int = 0,
-    negative_slope: float = 0.0,
+    *,
     tiling: Tiling | None = None,
     dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> None:
@@ -471,13 +470,15 @@ def backward_dx(
 
     ``out=None`` computes only ``grad_residual``.
 
-    With ``sums`` (global ``[2, C]`` sum_dy, sum_dy_xhat) and ``count`` (float64 ``[C]`` global
-    element count) the forward used batch statistics and their gradient is included;
-    without them the forward used running statistics and ``dx = weight * invstd * dy``. With a
-    fused ``activation``, ``dy`` is first taken back through it (recomputed from ``x``, the
-    statistics, ``weight``, ``bias`` and ``residual``); that gradient is the residual's.
-    ``grad_residual`` must then have the same strides as ``residual``.
+    With ``sums`` (global ``[2, C]`` sum_dy, sum_dy_xhat; ``saved.count`` holds the global
+    element count) the gradient through the batch statistics is included; without them
+    ``dx = weight * invstd * dy`` (the forward used running statistics, or the input needs no
+    gradient). With a fused activation, ``dy`` is first taken back through it (recomputed from
+    ``x``, the statistics, ``weight``, ``bias`` and ``epilogue.residual``); that gradient is the
+    residual's, written to ``grad_residual``, which must have the residual's strides.
     """
+    mean, invstd, count = saved.mean, saved.invstd, saved.count if sums is not None else None
+    residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     if grad_residual is not None and residual is not None and grad_residual.stride() != residual.stride():
         raise ValueError("grad_residual must have the residual's strides")
     residual_layout = residual if residual is not None else grad_residual

@@ -8,6 +8,8 @@ under ``torch.compile``, behind the opaque custom ops of ``ops.py``: one impleme
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .backend import kernel_backend
@@ -30,12 +32,9 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ops = kernel_backend(input)
     x = channel_view(input)
     output, output_view = empty_output_like(input)
-    epilogue = _epilogue_views(call.epilogue)
-    running_mean, running_var = (None, None) if running is None else (running.mean, running.var)
+    epilogue = _with_residual_view(call.epilogue)
     if not call.use_batch_stats:
-        mean, invstd = ops.normalize(
-            x, output_view, call.weight, call.bias, None, running_mean, running_var, None, 0.0, call.eps, **epilogue
-        )
+        mean, invstd = ops.normalize(x, output_view, call.weight, call.bias, None, running, call.eps, epilogue)
         return output, mean, invstd, torch.empty(0, dtype=torch.float64, device=input.device)
     stats = ops.partial_stats(x)
     local_stats = stats.clone() if call.check_finite else None
@@ -50,23 +49,15 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             f"in the global batch (local input shape {tuple(input.shape)})"
         )
     # normalize increments num_batches_tracked itself, on the device, in the same launch.
-    counter = None if running is None else running.num_batches_tracked
-    momentum = None if running is None else running.momentum
-    mean, invstd = ops.normalize(
-        x, output_view, call.weight, call.bias, stats, running_mean, running_var, counter, momentum, call.eps,
-        **epilogue,
-    )  # fmt: skip
+    mean, invstd = ops.normalize(x, output_view, call.weight, call.bias, stats, running, call.eps, epilogue)
     return output, mean, invstd, stats[0]
 
 
-def _epilogue_views(epilogue: Epilogue) -> dict[str, object]:
-    """The backends' epilogue keywords, the residual viewed as ``[N, C, S]``."""
-    residual = epilogue.residual
-    return {
-        "residual": None if residual is None else channel_view(residual),
-        "activation": epilogue.activation,
-        "negative_slope": epilogue.negative_slope,
-    }
+def _with_residual_view(epilogue: Epilogue) -> Epilogue:
+    """The epilogue as the backends take it: the residual viewed as ``[N, C, S]``."""
+    if epilogue.residual is None:
+        return epilogue
+    return replace(epilogue, residual=channel_view(epilogue.residual))
 
 
 def _raise_if_not_finite(stats: torch.Tensor, local_stats: torch.Tensor, shape: torch.Size) -> None:
@@ -107,14 +98,12 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
     ops = kernel_backend(call.input)
     x = channel_view(call.input)
     grad_out = channel_view(call.grad_output)
-    views = _epilogue_views(epilogue)
-    residual_view = views.pop("residual")
+    views = _with_residual_view(epilogue)
     grad_input = grad_residual = grad_weight = grad_bias = sums = None
     if needs.weight or needs.bias or (needs.input and saved.batch_stats):
         sums, grad_weight, grad_bias = ops.backward_reduce(
-            grad_out, x, saved.mean, saved.invstd,
+            grad_out, x, weight, bias, saved, views,
             weight.dtype if needs.weight else None, bias.dtype if needs.bias else None,
-            weight=weight, bias=bias, residual=residual_view, **views,
         )  # fmt: skip
     group = group_from_name(call.group_name)
     if needs.input and saved.batch_stats and group is not None:
@@ -122,16 +111,15 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
     grad_residual_view = None
     if needs.residual:
         grad_residual, grad_residual_view = empty_output_like(epilogue.residual)
-        if grad_residual_view.stride() != residual_view.stride():  # a broadcast/strided residual
-            residual_view = residual_view.contiguous()
+        if grad_residual_view.stride() != views.residual.stride():  # a broadcast/strided residual
+            views = replace(views, residual=views.residual.contiguous())
     if needs.input or needs.residual:
         grad_input_view = None
         if needs.input:
             grad_input, grad_input_view = empty_output_like(call.input)
         ops.backward_dx(
-            grad_out, x, grad_input_view, saved.mean, saved.invstd, weight,
-            sums if saved.batch_stats and needs.input else None, saved.count if saved.batch_stats else None,
-            bias=bias, residual=residual_view, grad_residual=grad_residual_view, **views,
+            grad_out, x, grad_input_view, weight, bias, saved, sums if saved.batch_stats and needs.input else None,
+            views, grad_residual_view,
         )  # fmt: skip
     return grad_input, grad_residual, grad_weight, grad_bias
 

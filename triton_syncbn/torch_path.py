@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
+from .contract import Epilogue, RunningStats, SavedStatistics
 from .layout import accumulation_dtype
 
 _aten = torch.ops.aten
@@ -44,6 +45,24 @@ def _four_d(view: torch.Tensor) -> torch.Tensor:
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``tensor`` in ``dtype`` (itself when it already is: no dispatch on the per-call path)."""
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+# Elements of the float32 temporaries that low-precision backward works through at a time.
+_SLICE_ELEMENTS = 1 << 16
+
+
+def _slices(view: torch.Tensor) -> list[tuple[slice, slice, slice]]:
+    """Index tuples cutting ``view`` ``[N, C, S]`` into pieces of at most ``_SLICE_ELEMENTS``
+    elements and an eighth of the tensor (but at least one element per channel), along N, and
+    along S where one sample is larger."""
+    batch, channels, spatial = view.shape
+    per_sample = channels * spatial
+    limit = max(min(_SLICE_ELEMENTS, view.numel() // 8), channels)
+    if per_sample <= limit:
+        step = max(limit // max(per_sample, 1), 1)
+        return [(slice(n, n + step), slice(None), slice(None)) for n in range(0, batch, step)]
+    step = max(limit // channels, 1)
+    return [(slice(n, n + 1), slice(None), slice(s, s + step)) for n in range(batch) for s in range(0, spatial, step)]
 
 
 def _affine_into(
@@ -110,7 +129,7 @@ def _pre_activation_into(
         buffer.add_(residual)
 
 
-def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
+def partial_stats(x: torch.Tensor) -> torch.Tensor:
     """Local per-channel float64 ``[3, C]`` (count, sum, sum of squares) of ``x`` ``[N, C, S]``.
 
     The moments come from ATen's ``batch_norm_update_stats`` (torch's own BatchNorm statistics:
@@ -144,14 +163,7 @@ def partial_stats(x: torch.Tensor, tiling: object = None) -> torch.Tensor:
     return packed
 
 
-def _finalize(
-    stats: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    momentum: float | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _finalize(stats: torch.Tensor, running: RunningStats | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Global float64 ``(mean, invstd)`` from the all-reduced sums; running statistics updated
     (``momentum=None``: the cumulative average) and ``num_batches_tracked`` incremented.
 
@@ -164,13 +176,15 @@ def _finalize(
     mean64 = stats[1] * inv_count
     m2 = torch.addcmul(stats[2], stats[1], mean64, value=-1.0).clamp_(min=0.0)
     invstd64 = torch.mul(m2, inv_count).add_(eps).rsqrt_()
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    if running is None:
+        return mean64, invstd64
+    if running.num_batches_tracked is not None:
+        running.num_batches_tracked.add_(1)
     # An all-empty global batch (count 0) leaves the running statistics as they are.
-    if running_mean is not None and running_var is not None and count > 0:
-        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
-        running_mean.lerp_(mean64.to(running_mean.dtype), factor)
-        running_var.lerp_(torch.mul(m2, 1.0 / max(count - 1.0, 1.0)).to(running_var.dtype), factor)
+    if count > 0:
+        factor = 1.0 / float(running.num_batches_tracked) if running.cumulative else running.momentum
+        running.mean.lerp_(mean64.to(running.mean.dtype), factor)
+        running.var.lerp_(torch.mul(m2, 1.0 / max(count - 1.0, 1.0)).to(running.var.dtype), factor)
     return mean64, invstd64
 
 
@@ -180,15 +194,9 @@ def normalize(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     stats: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    momentum: float | None,
+    running: RunningStats | None,
     eps: float,
-    residual: torch.Tensor | None = None,
-    activation: int = 0,
-    negative_slope: float = 0.0,
-    tiling: object = None,
+    epilogue: Epilogue,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``launchers.normalize``.
 
@@ -197,14 +205,14 @@ def normalize(
     """
     acc_dtype = accumulation_dtype(x.dtype)
     if stats is not None:
-        mean64, invstd64 = _finalize(stats, running_mean, running_var, num_batches_tracked, momentum, eps)
+        mean64, invstd64 = _finalize(stats, running, eps)
         mean, invstd = mean64.to(acc_dtype), invstd64.to(acc_dtype)
     else:
-        mean = running_mean.to(acc_dtype, copy=True)  # an output must not alias the buffer
-        invstd = torch.rsqrt(running_var.to(acc_dtype) + eps)
+        mean = running.mean.to(acc_dtype, copy=True)  # an output must not alias the buffer
+        invstd = torch.rsqrt(running.var.to(acc_dtype) + eps)
     if x.numel() > 0:
-        _pre_activation_into(out, x, mean, invstd, weight, bias, residual)
-        _activation_(out, activation, negative_slope)
+        _pre_activation_into(out, x, mean, invstd, weight, bias, epilogue.residual)
+        _activation_(out, epilogue.activation, epilogue.negative_slope)
     return mean, invstd
 
 
@@ -215,9 +223,7 @@ def _grad_before_activation(
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    activation: int,
-    negative_slope: float,
+    epilogue: Epilogue,
     buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grad_out * act'(z)`` ``[N, C, S]``, z recomputed from x into ``buffer``.
@@ -227,6 +233,7 @@ def _grad_before_activation(
     Identity: ``grad_out`` itself, no pass. ``buffer`` (x's shape) is used when given and laid
     out like x, else a new tensor is.
     """
+    residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     if activation == ACTIVATION_CODES["identity"]:
         return grad_out
     acc_dtype = accumulation_dtype(x.dtype)
@@ -251,16 +258,12 @@ def _grad_before_activation(
 def backward_reduce(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
+    epilogue: Epilogue,
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    activation: int = 0,
-    negative_slope: float = 0.0,
-    tiling: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``launchers.backward_reduce``.
 
@@ -268,11 +271,12 @@ def backward_reduce(
     backward asked for the weight and bias gradients only).
     """
     channels = x.shape[1]
+    mean, invstd = saved.mean, saved.invstd
     acc_dtype = mean.dtype
     if x.shape[0] * x.shape[2] == 0:
         sums = torch.zeros(2, channels, dtype=acc_dtype, device=x.device)
     else:
-        dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope)
+        dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue)
         source = x if dy.dtype == x.dtype else x.to(dy.dtype)  # a float32 dy of a fused bf16/fp16 activation
         _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
             _four_d(dy), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
@@ -291,17 +295,12 @@ def backward_dx(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     out: torch.Tensor | None,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
     sums: torch.Tensor | None,
-    count: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
+    epilogue: Epilogue,
     grad_residual: torch.Tensor | None = None,
-    activation: int = 0,
-    negative_slope: float = 0.0,
-    tiling: object = None,
 ) -> None:
     """Same contract as ``launchers.backward_dx``.
 
@@ -313,17 +312,16 @@ def backward_dx(
     """
     if x.shape[0] * x.shape[2] == 0:
         return
+    mean, invstd, count = saved.mean, saved.invstd, saved.count
     # A fused activation's dy * act'(z) goes into the residual's gradient, which it is, when that
     # is wanted; else into a new buffer (``out`` is overwritten below while dy is still read).
-    dy = _grad_before_activation(
-        grad_out, x, mean, invstd, weight, bias, residual, activation, negative_slope, buffer=grad_residual
-    )
+    dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue, buffer=grad_residual)
     if grad_residual is not None and dy is not grad_residual:  # a float32 dy, or another layout
         grad_residual.copy_(dy)
     if out is None:
         return
     scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
-    if sums is None or count is None:
+    if sums is None:
         if dy.dtype == x.dtype:
             _affine_into(out, dy, torch.zeros_like(scale), scale, None)
         else:
@@ -333,7 +331,16 @@ def backward_dx(
     # Python number on the CPU path)
     negative_means = sums * (-1.0 / max(float(count[0]), 1.0))
     x_factor = (scale * invstd).mul_(negative_means[1])
-    _affine_into(out, x, mean, x_factor, scale * negative_means[0])
-    # out += s * dy: in dy's dtype, so a bf16/fp16 dy is never copied to float32 (s is then
-    # rounded to that dtype, ~1 ulp of the result).
-    out.addcmul_(dy, _as(scale, dy.dtype).view(1, -1, 1))
+    if out.dtype == scale.dtype:
+        _affine_into(out, x, mean, x_factor, scale * negative_means[0])
+        out.addcmul_(dy, scale.view(1, -1, 1))  # out += s * dy
+        return
+    # bf16/fp16: the x term and s * dy cancel where dx is small, so they are summed in float32 and
+    # rounded once, as torch's BatchNorm backward does (summing in bf16 cost several ulps of dx);
+    # a slice at a time, so the float32 temporaries stay a fraction of the tensor.
+    shift = scale * negative_means[0]
+    for rows in _slices(x):
+        total = x[rows].to(scale.dtype)  # ATen's transform keeps its input's dtype: float32, in place
+        _affine_into(total, total, mean, x_factor, shift)
+        total.addcmul_(_as(dy[rows], scale.dtype), scale.view(1, -1, 1))
+        out[rows].copy_(total)

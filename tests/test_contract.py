@@ -1,0 +1,66 @@
+"""The contract between the layers: both kernel backends implement ``contract.KernelBackend``,
+and the flat argument lists round-trip through the contract objects by name."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from triton_syncbn import launchers, torch_path
+from triton_syncbn.contract import (
+    BACKWARD_FIELDS,
+    FORWARD_FIELDS,
+    BackwardCall,
+    Epilogue,
+    ForwardCall,
+    Gradients,
+    KernelBackend,
+    RunningStats,
+    SavedStatistics,
+)
+
+STAGES = ("partial_stats", "normalize", "backward_reduce", "backward_dx")
+
+
+def _protocol_parameters(stage: str) -> list[inspect.Parameter]:
+    return list(inspect.signature(getattr(KernelBackend, stage)).parameters.values())[1:]  # without self
+
+
+@pytest.mark.parametrize("backend", [launchers, torch_path], ids=["launchers", "torch_path"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_backend_implements_the_protocol(backend: object, stage: str) -> None:
+    """Same parameters, names, kinds and defaults, in order; extras only keyword-only with defaults."""
+    assert isinstance(backend, KernelBackend)
+    expected = _protocol_parameters(stage)
+    actual = list(inspect.signature(getattr(backend, stage)).parameters.values())
+    shared = [(p.name, p.kind, p.default) for p in actual[: len(expected)]]
+    assert shared == [(p.name, p.kind, p.default) for p in expected]
+    for extra in actual[len(expected) :]:
+        assert extra.kind is inspect.Parameter.KEYWORD_ONLY and extra.default is not inspect.Parameter.empty, extra
+
+
+def test_forward_call_round_trips_by_name() -> None:
+    x, residual = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    weight, bias, mean, var, counter = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), torch.tensor(0)
+    call = ForwardCall(x, weight, bias, RunningStats(mean, var, counter, None), Epilogue(residual, 2, 0.3), 1e-3,
+                       True, "group", check_finite=True)  # fmt: skip
+    flat = call.flat()
+    assert len(flat) == len(FORWARD_FIELDS)
+    named = dict(zip(FORWARD_FIELDS, flat, strict=True))
+    assert named["residual"] is residual and named["num_batches_tracked"] is counter and named["momentum"] is None
+    assert named["activation"] == 2 and named["group_name"] == "group" and named["check_finite"] is True
+    assert ForwardCall.from_flat(*flat) == call
+    assert ForwardCall.from_flat(*ForwardCall(x, None, None, None, Epilogue(), 1e-5, False, "").flat()).running is None
+
+
+def test_backward_call_round_trips_by_name() -> None:
+    x = torch.randn(2, 3, 4)
+    saved = SavedStatistics(torch.zeros(3), torch.ones(3), torch.full((3,), 8.0))
+    call = BackwardCall(torch.randn_like(x), x, None, torch.zeros(3), saved, Epilogue(None, 3, 0.0), "",
+                        Gradients(True, False, False, True))  # fmt: skip
+    flat = call.flat()
+    assert len(flat) == len(BACKWARD_FIELDS)
+    assert dict(zip(BACKWARD_FIELDS, flat, strict=True))["needs"] == [True, False, False, True]
+    assert BackwardCall.from_flat(*flat) == call
