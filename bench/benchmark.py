@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -80,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton, here and in spawned ranks
+    from triton_syncbn.distributed import free_local_port  # (imports triton: after the line above)
+
     cuda = torch.cuda.is_available() and not args.interpret
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         result = run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
@@ -92,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     metas: list[dict] = []
     for world in worlds:
         if world == 1:
-            result = run_rank(0, 1, free_port(), args)
+            result = run_rank(0, 1, free_local_port(), args)
         else:
             print(f"launching {world} ranks ({'nccl' if cuda else 'gloo'})...", flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 rows_file = Path(folder) / "rows.json"
                 context = mp.start_processes(
-                    _spawned_rank, args=(world, free_port(), args, str(rows_file)), nprocs=world,
+                    _spawned_rank, args=(world, free_local_port(), args, str(rows_file)), nprocs=world,
                     start_method="spawn", join=False,
                 )  # fmt: skip
                 context.join()
@@ -130,12 +131,6 @@ def default_modes(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["forward", "backward", "forward+backward", "fused-relu"]
     return ["forward", "backward", "forward+backward", "fused-add-relu"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) -> tuple[list[dict], dict] | None:

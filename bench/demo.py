@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import sys
 import time
 
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import triton_syncbn
+from triton_syncbn.distributed import free_local_port
 
 
 def build_model() -> nn.Module:
@@ -89,12 +89,6 @@ def worker(rank: int, world_size: int, port: int, steps: int, batch: int, result
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
@@ -110,7 +104,7 @@ def main() -> int:
     results = context.Queue()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     processes = mp.start_processes(
-        worker, args=(args.world_size, free_port(), args.steps, args.batch, results), nprocs=args.world_size,
+        worker, args=(args.world_size, free_local_port(), args.steps, args.batch, results), nprocs=args.world_size,
         start_method="spawn", join=False,
     )  # fmt: skip
     distributed = torch.load(io.BytesIO(results.get(timeout=300)))

@@ -130,7 +130,8 @@ def test_first_order_backward_still_runs_the_fused_path() -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend", BACKENDS)
+# the interpreter runs every finite-difference evaluation through the kernels: the thorough run only
+@pytest.mark.parametrize("backend", ["torch-cpu", pytest.param("interpreter", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_gradgradcheck_of_the_group_function(clusters, backend: str, activation: str | None) -> None:
     """Finite differences of the whole 2-rank function, first and second order."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the benchmark CLI and the accuracy report end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -160,7 +162,11 @@ def test_benchmark_interpreter_mode(tmp_path: Path) -> None:
         "--modes", "forward+backward", "--budget-ms", "1", "--no-plots", "--out", str(tmp_path),
     )  # fmt: skip
     assert "our backend: triton-interpreter" in result.stdout
-    assert (tmp_path / "benchmark.json").exists()
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    ours = [row for row in rows if row["provider"] == "triton_syncbn"]
+    assert [(row["shape"], row["dtype"], row["mode"]) for row in ours] == [("T2", "fp32", "forward+backward")]
+    assert ours[0]["p20_us"] <= ours[0]["median_us"] <= ours[0]["p80_us"] and ours[0]["median_us"] > 0
+    assert ours[0]["speedup_vs"]["torch_bn"] > 0 and ours[0]["collectives"] == 0
 
 
 def test_numerics_report_meets_its_bounds() -> None:

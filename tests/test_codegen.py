@@ -16,7 +16,10 @@ from triton_syncbn.kernels import INTERPRETED
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import codegen_check  # noqa: E402
 
-pytestmark = pytest.mark.skipif(INTERPRETED, reason="codegen needs the compiled (non-interpreted) kernels")
+pytestmark = [
+    pytest.mark.skipif(INTERPRETED, reason="codegen needs the compiled (non-interpreted) kernels"),
+    pytest.mark.slow,
+]
 
 
 @pytest.mark.parametrize("arch", [90, 80])

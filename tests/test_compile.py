@@ -18,7 +18,7 @@ from triton_syncbn.contract import (
     SavedStatistics,
 )
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOLERANCE = {"output": 1e-5, "grad": 5e-5, "buffer": 1e-6}
 

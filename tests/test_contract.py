@@ -3,7 +3,9 @@ and the flat argument lists round-trip through the contract objects by name."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +66,45 @@ def test_backward_call_round_trips_by_name() -> None:
     assert len(flat) == len(BACKWARD_FIELDS)
     assert dict(zip(BACKWARD_FIELDS, flat, strict=True))["needs"] == [True, False, False, True]
     assert BackwardCall.from_flat(*flat) == call
+
+
+# Top to bottom; a module may import the ones below it and the shared ones (docs/architecture.md).
+LAYERS = ["convert", "module", "functional", "function", "ops", "composite", "stages", "backend", "launchers",
+          "torch_path"]  # fmt: skip
+SHARED = {"contract": set(), "distributed": set(), "layout": set()}
+# The one upward edge, resolved at call time: the classmethod alias of ``convert_sync_batchnorm``
+# that torch's SyncBatchNorm API has (``SyncBatchNorm.convert_sync_batchnorm``).
+ALLOWED_UPWARD = {("module", "convert")}
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The ``triton_syncbn`` modules ``path`` imports (relative or absolute, any depth)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1:
+                names.add(module.split(".")[0] if module else "")
+                names.update(alias.name for alias in node.names if not module)
+            elif module.startswith("triton_syncbn."):
+                names.add(module.split(".")[1])
+            elif module == "triton_syncbn":
+                names.update(alias.name for alias in node.names)
+    return names - {""}
+
+
+def test_imports_point_down_the_layers() -> None:
+    root = Path(__file__).resolve().parents[1] / "triton_syncbn"
+    order = {name: index for index, name in enumerate(LAYERS)}
+    for path in root.glob("*.py"):
+        name = path.stem
+        if name == "__init__":
+            continue
+        for imported in _package_imports(path):
+            if imported == "kernels" or (name, imported) in ALLOWED_UPWARD:
+                continue
+            if name in SHARED:
+                assert imported in SHARED[name], f"{name} (shared) imports {imported}"
+            elif imported not in SHARED:
+                assert name in order and imported in order, f"{name} imports {imported}: not in LAYERS"
+                assert order[imported] > order[name], f"{name} imports {imported}, a layer above it"

@@ -319,6 +319,7 @@ def test_timm_batchnormact_layers_and_timms_own_sync_conversion() -> None:
     assert_same_training(reference, reverted, steps=3)
 
 
+@pytest.mark.slow
 def test_converted_timm_style_model_compiles_without_graph_breaks() -> None:
     """SyncBatchNormAct, FusedActivation slots and kept activation modules trace in one graph
     (fullgraph=True) and train as in eager mode; the input dims revert uses are not recorded

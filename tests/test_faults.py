@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from fault_tasks import rank_main
 from triton_syncbn.distributed import free_local_port
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TIMEOUT_S = 8.0
 

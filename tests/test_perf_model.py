@@ -16,7 +16,10 @@ from triton_syncbn.kernels import INTERPRETED
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import perf_model  # noqa: E402
 
-pytestmark = pytest.mark.skipif(INTERPRETED, reason="the model compiles the real (non-interpreted) kernels")
+pytestmark = [
+    pytest.mark.skipif(INTERPRETED, reason="the model compiles the real (non-interpreted) kernels"),
+    pytest.mark.slow,
+]
 
 # A loop of 6 instructions with a 128-bit load and store, a reciprocal-based integer division, and a
 # second, load-free loop the reader must not pick.
