@@ -37,6 +37,25 @@ def _per_channel(vector: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     return vector.view(1, -1, *([1] * (input.dim() - 2)))
 
 
+def _activation_slope(
+    xhat: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    epilogue: Epilogue,
+    input: torch.Tensor,
+) -> torch.Tensor | float:
+    """``act'(z)`` for ``z = xhat * weight + bias + residual`` (xhat's dtype), 1.0 without an activation."""
+    if not epilogue.fused_activation:
+        return 1.0
+    acc = xhat.dtype
+    z = xhat if weight is None else xhat * _per_channel(weight.to(acc), input)
+    if bias is not None:
+        z = z + _per_channel(bias.to(acc), input)
+    if epilogue.residual is not None:
+        z = z + epilogue.residual.to(acc)
+    return activation_derivative(z, epilogue.activation, epilogue.negative_slope)
+
+
 def activation_derivative(z: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor | None:
     """``act'(z)`` (None for the identity)."""
     if code == ACTIVATION_CODES["relu"]:
@@ -85,7 +104,6 @@ def backward(
     """
     input, weight, bias, residual = call.input, call.weight, call.bias, call.epilogue.residual
     grad_output, group_name, saved = call.grad_output, call.group_name, call.saved
-    activation_code, negative_slope = call.epilogue.activation, call.epilogue.negative_slope
     need_input, need_residual, need_weight, need_bias = call.needs.as_list()
     acc = saved.mean.dtype
     if saved.batch_stats:
@@ -95,14 +113,7 @@ def backward(
     else:
         mean, invstd = saved.mean, saved.invstd
     xhat = (input.to(acc) - _per_channel(mean, input)) * _per_channel(invstd, input)
-    grad = grad_output.to(acc)
-    if activation_code != ACTIVATION_CODES["identity"]:
-        z = xhat if weight is None else xhat * _per_channel(weight.to(acc), input)
-        if bias is not None:
-            z = z + _per_channel(bias.to(acc), input)
-        if residual is not None:
-            z = z + residual.to(acc)
-        grad = grad * activation_derivative(z, activation_code, negative_slope)
+    grad = grad_output.to(acc) * _activation_slope(xhat, weight, bias, call.epilogue, input)
     dims = _channel_dims(input)
     sum_grad = grad.sum(dims)
     sum_grad_xhat = (grad * xhat).sum(dims)
@@ -149,7 +160,6 @@ def batch_norm_jvp(
     ``dz = weight * d xhat + xhat * d weight + d bias + d residual`` and ``dy = act'(z) * dz``.
     """
     mean, invstd, count = saved.mean, saved.invstd, saved.count
-    residual, activation_code, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     acc = mean.dtype
     x = input.to(acc)
     xhat = (x - _per_channel(mean, input)) * _per_channel(invstd, input)
@@ -186,11 +196,5 @@ def batch_norm_jvp(
         dz = dz + _per_channel(tangents["bias"].to(acc), input)
     if tangents.get("residual") is not None:
         dz = dz + tangents["residual"].to(acc)
-    if activation_code != ACTIVATION_CODES["identity"]:
-        z = xhat if weight is None else xhat * _per_channel(weight.to(acc), input)
-        if bias is not None:
-            z = z + _per_channel(bias.to(acc), input)
-        if residual is not None:
-            z = z + residual.to(acc)
-        dz = dz * activation_derivative(z, activation_code, negative_slope)
+    dz = dz * _activation_slope(xhat, weight, bias, epilogue, input)
     return dz.to(input.dtype)
