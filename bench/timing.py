@@ -34,7 +34,7 @@ def time_callable(
 
         median, p20, p80 = triton.testing.do_bench(function, warmup=25, rep=int(budget_ms), quantiles=[0.5, 0.2, 0.8])
         return Timing(median * 1e3, p20 * 1e3, p80 * 1e3)
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+    for _ in range(3):  # warm-up: compilation, allocator
         function()
     samples: list[float] = []
     deadline = time.perf_counter() + budget_ms / 1e3

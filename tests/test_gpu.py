@@ -1,4 +1,4 @@
-"""GPU variants: compiled, autotuned Triton kernels on CUDA (skipped cleanly without a GPU).
+"""GPU variants: compiled Triton kernels on CUDA (skipped cleanly without a GPU).
 
 ``bench/gpu_check.sh`` runs these on a GPU machine, unchanged.
 """
@@ -36,7 +36,7 @@ def test_compiled_kernels_match_oracle(case: Case) -> None:
 def test_no_host_synchronization_in_training_step() -> None:
     module = triton_syncbn.SyncBatchNorm(32, momentum=None).cuda()
     x = torch.randn(16, 32, 14, 14, device="cuda", requires_grad=True)
-    module(x).sum().backward()  # compile and autotune first
+    module(x).sum().backward()  # compile first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -71,7 +71,7 @@ def test_cuda_graph_captures_a_training_step(batch: int) -> None:
     static_grad = torch.randn(batch, 32, 8, 8, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compile, autotune) outside the capture
+    with torch.cuda.stream(side):  # warm up (compile) outside the capture
         for _ in range(2):
             captured(static_x).backward(static_grad)
     torch.cuda.current_stream().wait_stream(side)
