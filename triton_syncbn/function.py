@@ -25,59 +25,46 @@ def _is_batched(tensor: torch.Tensor) -> bool:
     return functorch.is_batchedtensor(tensor) or functorch.is_legacy_batchedtensor(tensor)
 
 
-class CompilableSyncBatchNormFunction(torch.autograd.Function):
-    """``act(batch_norm(input) + residual)`` over the union of the group's batches.
+def _save(ctx: Any, call: ForwardCall, output: tuple[torch.Tensor, ...]) -> None:
+    """What backward and jvp need, saved on ``ctx`` (shared by every Function below)."""
+    _, mean, invstd, count = output
+    ctx.mark_non_differentiable(mean, invstd, count)
+    # Backward recomputes the activation's input from x and the statistics; it needs the
+    # residual only then. Nothing the size of the output is saved (weight and bias are
+    # parameters: saving them costs no memory).
+    epilogue = call.epilogue
+    residual = epilogue.residual if epilogue.fused_activation else None
+    saved = (call.input, call.weight, call.bias, residual, mean, invstd, count)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+    ctx.epilogue = Epilogue(None, epilogue.activation, epilogue.negative_slope)  # the residual is saved
+    ctx.group_name = call.group_name
+    ctx.eps = call.eps
 
-    ``apply(*call.flat())`` for a ``contract.ForwardCall``; returns ``(output, mean, invstd,
-    count)``, of which only ``output`` is differentiable. One all-reduce forward and at most one
-    backward. Calls are validated by the caller (``functional.batch_norm_function``). Eagerly the
-    stages run directly; under ``torch.compile`` they run behind the custom ops of ``ops.py``.
 
-    Derivatives: first-order backward runs the fused kernels. Where the gradient must itself be
-    differentiable (``create_graph=True``) or runs under ``vmap``, backward runs the same formulas
-    in differentiable torch ops (``composite.backward``), synchronized to every order.
-    Forward-mode AD lives in the eager subclass ``SyncBatchNormFunction``: dynamo cannot trace a
-    Function that defines ``jvp``, so ``torch.compile`` sees this class.
-    """
+def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """One gradient per ``contract.FORWARD_FIELDS`` entry (None for the non-differentiable ones)."""
+    call = _backward_call(ctx, grad_output)
+    if torch.compiler.is_compiling():  # (torch.compile itself refuses double backward)
+        grads = ops.backward_op(*call.flat())
+        grads = tuple(grad if need else None for grad, need in zip(grads, call.needs.as_list(), strict=True))
+    elif torch.is_grad_enabled() or _is_batched(grad_output):
+        grads = composite.backward(call, ctx.eps)
+    else:
+        grads = stages.backward(call)
+    grad_input, grad_residual, grad_weight, grad_bias = grads
+    if ctx.needs_input_grad[1] and not call.epilogue.fused_activation:
+        grad_residual = grad_output  # y = bn(x) + residual: the residual's gradient is dy
+    padding = (None,) * (len(FORWARD_FIELDS) - len(DIFFERENTIABLE_FIELDS))
+    return (grad_input, grad_residual, grad_weight, grad_bias) + padding
 
-    @staticmethod
-    def forward(*flat: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling():
-            return ops.forward_op(*flat)
-        return stages.forward(ForwardCall.from_flat(*flat))
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[object, ...], output: tuple[torch.Tensor, ...]) -> None:
-        call = ForwardCall.from_flat(*inputs)
-        _, mean, invstd, count = output
-        ctx.mark_non_differentiable(mean, invstd, count)
-        # Backward recomputes the activation's input from x and the statistics; it needs the
-        # residual only then. Nothing the size of the output is saved (weight and bias are
-        # parameters: saving them costs no memory).
-        epilogue = call.epilogue
-        residual = epilogue.residual if epilogue.fused_activation else None
-        saved = (call.input, call.weight, call.bias, residual, mean, invstd, count)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
-        ctx.epilogue = Epilogue(None, epilogue.activation, epilogue.negative_slope)  # the residual is saved
-        ctx.group_name = call.group_name
-        ctx.eps = call.eps
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor, *_: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        call = _backward_call(ctx, grad_output)
-        if torch.compiler.is_compiling():  # (torch.compile itself refuses double backward)
-            grads = ops.backward_op(*call.flat())
-            grads = tuple(grad if need else None for grad, need in zip(grads, call.needs.as_list(), strict=True))
-        elif torch.is_grad_enabled() or _is_batched(grad_output):
-            grads = composite.backward(call, ctx.eps)
-        else:
-            grads = stages.backward(call)
-        grad_input, grad_residual, grad_weight, grad_bias = grads
-        if ctx.needs_input_grad[1] and not call.epilogue.fused_activation:
-            grad_residual = grad_output  # y = bn(x) + residual: the residual's gradient is dy
-        padding = (None,) * (len(FORWARD_FIELDS) - len(DIFFERENTIABLE_FIELDS))
-        return (grad_input, grad_residual, grad_weight, grad_bias) + padding
+def _jvp(ctx: Any, tangents: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The output's tangent (closed form, one all-reduce); the statistics have none."""
+    input, weight, bias, epilogue, saved = _saved(ctx)
+    named = dict(zip(FORWARD_FIELDS, tangents, strict=True))
+    tangent = composite.batch_norm_jvp(input, weight, bias, epilogue, saved, ctx.group_name, named)
+    return tangent, None, None, None
 
 
 def _saved(ctx: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Epilogue, SavedStatistics]:
@@ -95,17 +82,68 @@ def _backward_call(ctx: Any, grad_output: torch.Tensor) -> BackwardCall:
     return BackwardCall(grad_output, input, weight, bias, saved, epilogue, ctx.group_name, needs)
 
 
-class SyncBatchNormFunction(CompilableSyncBatchNormFunction):
-    """The Function run eagerly: ``CompilableSyncBatchNormFunction`` plus forward-mode AD
-    (dual tensors, ``torch.func.jvp``: closed-form, one all-reduce) and a clear error for
-    ``torch.func.vmap`` over the forward."""
+class SyncBatchNormFunction(torch.autograd.Function):
+    """``act(batch_norm(input) + residual)`` over the union of the group's batches.
+
+    ``apply(*call.flat())`` for a ``contract.ForwardCall``; returns ``(output, mean, invstd,
+    count)``, of which only ``output`` is differentiable. One all-reduce forward and at most one
+    backward. Calls are validated by the caller (``functional.batch_norm_function``).
+
+    Derivatives: first-order backward runs the fused kernels. Where the gradient must itself be
+    differentiable (``create_graph=True``) or runs under ``vmap``, backward runs the same formulas
+    in differentiable torch ops (``composite.backward``), synchronized to every order.
+    Forward-mode AD (dual tensors) is closed-form with one all-reduce.
+
+    This is the eager class, in the classic ``forward(ctx, ...)`` form: ``torch.func`` transforms
+    need the ``setup_context`` form, whose ``apply`` binds arguments through ``inspect`` on every
+    call (tens of microseconds a layer), so they get ``FunctorchSyncBatchNormFunction`` and
+    ``torch.compile`` gets ``CompilableSyncBatchNormFunction`` (dynamo traces no ``jvp``). All
+    three share the code above.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *flat: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        call = ForwardCall.from_flat(*flat)
+        output = stages.forward(call)
+        _save(ctx, call, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return _backward(ctx, grad_output)
 
     @staticmethod
     def jvp(ctx: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        input, weight, bias, epilogue, saved = _saved(ctx)
-        named = dict(zip(FORWARD_FIELDS, tangents, strict=True))
-        tangent = composite.batch_norm_jvp(input, weight, bias, epilogue, saved, ctx.group_name, named)
-        return tangent, None, None, None
+        return _jvp(ctx, tangents)
+
+
+class CompilableSyncBatchNormFunction(torch.autograd.Function):
+    """``SyncBatchNormFunction`` in the ``setup_context`` form, as ``torch.compile`` traces it:
+    the stages run behind the custom ops of ``ops.py``; no ``jvp``."""
+
+    @staticmethod
+    def forward(*flat: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return ops.forward_op(*flat)
+        return stages.forward(ForwardCall.from_flat(*flat))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[object, ...], output: tuple[torch.Tensor, ...]) -> None:
+        _save(ctx, ForwardCall.from_flat(*inputs), output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return _backward(ctx, grad_output)
+
+
+class FunctorchSyncBatchNormFunction(CompilableSyncBatchNormFunction):
+    """The Function under ``torch.func`` transforms: ``jvp`` (``torch.func.jvp``, ``jacfwd``,
+    ``hessian``), vmap over its backward through ``composite``, and a clear error for
+    ``torch.func.vmap`` over its forward."""
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return _jvp(ctx, tangents)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Any, ...]:
@@ -116,3 +154,12 @@ class SyncBatchNormFunction(CompilableSyncBatchNormFunction):
             "autograd.grad(..., is_grads_batched=True) in one process); for per-sample transforms of a "
             "model, use triton_syncbn.revert_sync_batchnorm(model) first."
         )
+
+
+def function_for_this_call() -> type[torch.autograd.Function]:
+    """The Function class for the current context (see ``SyncBatchNormFunction``)."""
+    if torch.compiler.is_compiling():
+        return CompilableSyncBatchNormFunction
+    if torch._C._are_functorch_transforms_active():
+        return FunctorchSyncBatchNormFunction
+    return SyncBatchNormFunction

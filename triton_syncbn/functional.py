@@ -11,7 +11,7 @@ from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
 from .contract import Epilogue, ForwardCall, RunningStats
 from .distributed import group_name, sync_group
-from .function import CompilableSyncBatchNormFunction, SyncBatchNormFunction
+from .function import function_for_this_call
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -141,8 +141,7 @@ def batch_norm_function(
     if before_collectives is not None:
         before_collectives()
     call = ForwardCall(input, weight, bias, running, fused, eps, use_batch_stats, group_name(group), check_finite)
-    function = CompilableSyncBatchNormFunction if torch.compiler.is_compiling() else SyncBatchNormFunction
-    output, _, _, _ = function.apply(*call.flat())
+    output, _, _, _ = function_for_this_call().apply(*call.flat())
     return output
 
 
