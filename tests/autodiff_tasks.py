@@ -44,6 +44,16 @@ def _problem(batches: tuple[int, ...], training: bool, activation: str | None, r
     }
 
 
+def _membership(batches: tuple[int, ...]) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] | None:
+    """``(group, sync)`` for a task over ranks ``0..len(batches)-1`` (``sync``: the group when it
+    has more than one rank, else None); None on a rank outside it."""
+    world = len(batches)
+    group = subgroup(world)
+    if current_rank() >= world:
+        return None
+    return group, group if world > 1 else None
+
+
 def _ours(problem: dict, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual, group) -> torch.Tensor:
     return triton_syncbn.sync_batch_norm(
         x, problem["running_mean"].clone(), problem["running_var"].clone(), weight, bias,
@@ -82,11 +92,10 @@ def hessian_vector_products(
     parameter gradients are local, as DDP leaves them), so its derivative w.r.t. this rank's
     rows is what each rank gets, and the parameter derivatives sum over the group.
     """
-    world = len(batches)
-    group = subgroup(world)
-    if current_rank() >= world:
+    membership = _membership(batches)
+    if membership is None:
         return None
-    sync = group if world > 1 else None
+    group, sync = membership
     problem = _problem(batches, training, activation, residual)
     rows = problem["rows"]
     results: dict[str, torch.Tensor] = {}
@@ -130,10 +139,10 @@ def forward_mode(
     Twice: with dual tensors (``torch.autograd.forward_ad``) and with ``torch.func.jvp``; the
     reference is ``torch.func.jvp`` of ``F.batch_norm`` on the global batch.
     """
-    world = len(batches)
-    group = subgroup(world)
-    if current_rank() >= world:
+    membership = _membership(batches)
+    if membership is None:
         return None
+    group, _ = membership
     problem = _problem(batches, training, activation, residual)
     rows = problem["rows"]
     gen = torch.Generator().manual_seed(5)
@@ -190,11 +199,10 @@ def batched_backward(batches: tuple[int, ...], training: bool) -> dict[str, torc
     """vmap over the backward: ``autograd.grad(..., is_grads_batched=True)`` in one process (a
     clear error in a group), ``torch.func.vmap`` of ``torch.func.vjp`` in a group, and
     ``torch.func.jacrev``; against the reference's, this rank's rows of the input gradient."""
-    world = len(batches)
-    group = subgroup(world)
-    if current_rank() >= world:
+    membership = _membership(batches)
+    if membership is None:
         return None
-    sync = group if world > 1 else None
+    group, sync = membership
     problem = _problem(batches, training, None, False)
     rows = problem["rows"]
     gen = torch.Generator().manual_seed(3)
