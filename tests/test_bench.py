@@ -97,12 +97,18 @@ def synthetic_rows() -> list[dict]:
     return rows
 
 
-def test_every_plot_has_labelled_axes_a_legend_and_fits_2000_px(tmp_path: Path) -> None:
+def _from_report(*names: str) -> tuple[object, ...]:
+    """Functions of ``bench/report.py`` (bench/ is not a package: imported with it on the path)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from report import add_speedups, build_figures, plot
+        import report
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return tuple(getattr(report, name) for name in names)
+
+
+def test_every_plot_has_labelled_axes_a_legend_and_fits_2000_px(tmp_path: Path) -> None:
+    add_speedups, build_figures, plot = _from_report("add_speedups", "build_figures", "plot")
     rows = synthetic_rows()
     add_speedups(rows)
     meta = {"device_name": "CPU (test)", "copy_gbps": 10.0, "world_size": "1 and 2", "device": "cpu"}
@@ -123,20 +129,14 @@ def test_every_plot_has_labelled_axes_a_legend_and_fits_2000_px(tmp_path: Path) 
         width, height = png_size(path)
         assert 800 <= width <= 2000 and height <= 2000, (path.name, width, height)
     # the copy-bandwidth line and the 1x line are drawn and named in the legends
-    bandwidth_legend = [
-        t.get_text() for t in build_figures(rows, meta)["bandwidth.png"].axes[0].get_legend().get_texts()
-    ]
+    bandwidth_legend = [t.get_text() for t in figures["bandwidth.png"].axes[0].get_legend().get_texts()]
     assert any(text.startswith("copy bandwidth") for text in bandwidth_legend)
-    speedup_legend = [t.get_text() for t in build_figures(rows, meta)["speedup.png"].axes[0].get_legend().get_texts()]
+    speedup_legend = [t.get_text() for t in figures["speedup.png"].axes[0].get_legend().get_texts()]
     assert "1x (same time)" in speedup_legend
 
 
 def test_headline_in_words() -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from report import add_speedups, headline
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    add_speedups, headline = _from_report("add_speedups", "headline")
     rows = synthetic_rows()
     add_speedups(rows)
     lines = headline(rows)
