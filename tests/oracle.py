@@ -6,10 +6,12 @@ here is deterministic in the case's seed, so every rank and the oracle see the s
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -21,6 +23,17 @@ TOLERANCES = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (6e-2, 6e-2),
 }
+
+
+# torch 2.13 added BatchNorm's ``bias`` argument; the GPU machines run torch 2.11.
+TORCH_HAS_BIAS_ARGUMENT = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+def unsupported_here(case: Case) -> str | None:
+    """Why this torch cannot run ``case`` (the module raises a TypeError saying so), or None."""
+    if not case.bias and not TORCH_HAS_BIAS_ARGUMENT:
+        return f"bias=False needs torch's BatchNorm bias argument (torch >= 2.13; this is {torch.__version__})"
+    return None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rank_tasks
-from oracle import Case, assert_close, check_case, global_batch, initial_state, rank_rows
+from oracle import Case, assert_close, check_case, global_batch, initial_state, rank_rows, unsupported_here
 from rank_tasks import run_case
 
 pytestmark = pytest.mark.distributed
@@ -58,6 +58,8 @@ CASES = [
 @pytest.mark.parametrize("backend", ["torch-cpu", "interpreter"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_matches_global_batch_norm(clusters, case: Case, backend: str) -> None:
+    if unsupported_here(case):
+        pytest.skip(unsupported_here(case))
     check_case(case, clusters(backend).run(run_case, case))
 
 

@@ -10,7 +10,7 @@ import torch
 
 import triton_syncbn
 from cluster import GlooCluster
-from oracle import Case, check_case
+from oracle import Case, check_case, unsupported_here
 from rank_tasks import run_case
 from test_distributed import CASES as DISTRIBUTED_CASES
 from test_module import SINGLE_PROCESS_CASES
@@ -25,11 +25,38 @@ GPU_CASES = [
     Case(batches=(3,), tail=(5, 200, 300), device="cuda"),  # several splits per channel
     Case(batches=(6,), momentum=None, steps=3, dtype=torch.float64, device="cuda"),
     Case(batches=(6,), training=False, device="cuda"),
+    # the fused epilogues (activation, residual add) in one process
+    Case(batches=(7,), activation="relu", device="cuda"),
+    Case(
+        batches=(5,),
+        tail=(4, 3, 5),
+        channels_last=True,
+        activation="leaky_relu",
+        negative_slope=0.2,
+        residual="contiguous",
+        device="cuda",
+    ),
+    Case(batches=(5,), dtype=torch.bfloat16, activation="silu", residual="same", device="cuda"),
+    Case(batches=(5,), residual="same", device="cuda"),
+    Case(batches=(5,), training=False, activation="relu", residual="same", device="cuda"),
+    Case(batches=(5,), affine=False, activation="silu", residual="contiguous", device="cuda"),
+    Case(
+        batches=(5,),
+        tail=(5,),
+        dtype=torch.float64,
+        activation="leaky_relu",
+        residual="same",
+        momentum=None,
+        device="cuda",
+    ),
+    Case(batches=(6,), track_running_stats=False, device="cuda"),
 ] + [Case(**{**case.__dict__, "device": "cuda"}) for case in SINGLE_PROCESS_CASES if case.world == 1]
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda case: case.id)
 def test_compiled_kernels_match_oracle(case: Case) -> None:
+    if unsupported_here(case):
+        pytest.skip(unsupported_here(case))
     check_case(case, [run_case(case)])
 
 
@@ -59,6 +86,26 @@ def test_nccl_matches_oracle() -> None:
                 check_case(case, cluster.run(run_case, case))
     finally:
         cluster.close()
+
+
+@pytest.mark.distributed
+def test_gloo_ranks_sharing_one_gpu_match_oracle() -> None:
+    """Compiled kernels meeting real collectives on a one-GPU machine: 4 gloo ranks (gloo takes
+    CUDA tensors; NCCL refuses two ranks on one device) all on cuda:0, every distributed case."""
+    failures = []
+    cluster = GlooCluster(4, {"TRITON_INTERPRET": "0"})
+    try:
+        for case in DISTRIBUTED_CASES:
+            if unsupported_here(case):
+                continue  # the CPU runs of test_distributed cover it on a torch that has it
+            case = Case(**{**case.__dict__, "device": "cuda"})
+            try:  # every case runs; the failure lists them all (a GPU lease is short)
+                check_case(case, cluster.run(run_case, case))
+            except AssertionError as error:
+                failures.append(f"{case.id}: {str(error)[:600]}")
+    finally:
+        cluster.close()
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("batch", [16, 0], ids=["batch16", "empty"])
