@@ -8,12 +8,12 @@ interpreter is off.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from triton_syncbn.kernels import (
@@ -40,12 +40,25 @@ PROGRAMS_PER_SM = 5
 MAX_SPLITS = 1024
 MERGE_SPLIT_BLOCK = 64
 MERGE_BLOCK_C = 16
+# Contiguous layout: the least bytes a step reads along each (sample, channel) row, unless the row
+# is shorter (two 128-byte lines: whole DRAM bursts, few rows per step).
+MIN_RUN_BYTES = 256
 # Steps per program the elementwise kernels (normalize, dx) aim at on large tensors.
 _ELEMENTWISE_STEPS = 16
 # Under the interpreter programs run one after another; a few splits still exercise the paths.
 _INTERPRETER_PROGRAMS = 4
 _INT32_LIMIT = 2**31 - 1
 _LAYOUTS = ("contiguous", "channels_last")
+
+
+# Plain-int helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton 3.6+,
+# ~2 us per host call; the launchers call them dozens of times per launch.
+def _cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 if value <= 1 else 1 << (value - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -74,11 +87,11 @@ class Tiling:
         return self.n_splits * self.s_splits
 
     def grid(self, channels: int) -> tuple[int, int]:
-        return (triton.cdiv(channels, self.block_c), self.splits)
+        return (_cdiv(channels, self.block_c), self.splits)
 
     def steps(self) -> int:
         """Steps of the longest split."""
-        return triton.cdiv(self.chunk_n, self.block_n) * triton.cdiv(self.chunk_s, self.block_s)
+        return _cdiv(self.chunk_n, self.block_n) * _cdiv(self.chunk_s, self.block_s)
 
     @classmethod
     def split(cls, view: torch.Tensor, block_c: int, block_m: int, splits: int) -> Tiling:
@@ -93,8 +106,9 @@ class Tiling:
 
 
 def _fit(view: torch.Tensor, block_c: int, block_m: int, splits: int) -> Tiling:
-    block_s = _spatial_block(view, block_m)
-    return _with_splits(view, block_c, max(block_m // block_s, 1), block_s, splits, cap=splits)
+    shape = tuple(view.shape)
+    block_s = 1 if layout_of(view) == "channels_last" else _spatial_block(shape, block_m, view.element_size())
+    return _with_splits(shape, block_c, max(block_m // block_s, 1), block_s, splits, cap=splits)
 
 
 def layout_of(view: torch.Tensor) -> str:
@@ -114,23 +128,28 @@ def collapse(view: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
     return view.as_strided((batch * spatial, channels, 1), (view.stride(2), view.stride(1), 1))
 
 
-def _tile_elements(dtype: torch.dtype, num_warps: int = _NUM_WARPS) -> int:
-    """Elements per step: 64 bytes per thread (16 fp32, 32 fp16/bf16; 8 fp64 to bound registers)."""
-    per_thread = {8: _THREAD_ELEMENTS // 2, 2: 2 * _THREAD_ELEMENTS}.get(dtype.itemsize, _THREAD_ELEMENTS)
+def _tile_elements(itemsize: int, num_warps: int = _NUM_WARPS) -> int:
+    """Elements per step for elements of ``itemsize`` bytes: 64 bytes per thread (16 fp32,
+    32 fp16/bf16; 8 fp64 to bound registers)."""
+    per_thread = {8: _THREAD_ELEMENTS // 2, 2: 2 * _THREAD_ELEMENTS}.get(itemsize, _THREAD_ELEMENTS)
     return per_thread * 32 * num_warps
 
 
-def _spatial_block(view: torch.Tensor, tile: int) -> int:
-    """Positions per step for a contiguous-layout view: the power of two that covers the
-    ``[N, S]`` plane in the fewest tile-sized steps (padding of S and of N both count)."""
-    if layout_of(view) == "channels_last" or view.shape[2] == 1:
+def _spatial_block(shape: tuple[int, int, int], tile: int, itemsize: int) -> int:
+    """Positions per step for a contiguous-layout ``[N, C, S]`` view: the power of two that covers
+    the ``[N, S]`` plane in the fewest tile-sized steps (padding of S and of N both count), among
+    those that read at least ``MIN_RUN_BYTES`` contiguous bytes per row (or the whole row).
+
+    Shorter runs cost far more than their padding: on an H200, S = 49 with N = 1024 (the RoI
+    head) took 2-position steps across 1024 rows and streamed at 5-15% of copy bandwidth."""
+    batch, _, spatial = shape
+    if spatial == 1:
         return 1
-    batch, _, spatial = view.shape
     best, best_cost = 1, None
-    block = 1
-    while block <= min(tile, triton.next_power_of_2(spatial)):
-        block_n = min(tile // block, triton.next_power_of_2(max(batch, 1)))
-        cost = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(spatial, block) * max(block_n * block, tile)
+    block = min(_next_power_of_2(spatial), max(MIN_RUN_BYTES // itemsize, 1), tile)
+    while block <= min(tile, _next_power_of_2(spatial)):
+        block_n = min(tile // block, _next_power_of_2(max(batch, 1)))
+        cost = _cdiv(max(batch, 1), block_n) * _cdiv(spatial, block) * max(block_n * block, tile)
         if best_cost is None or cost <= best_cost:
             best, best_cost = block, cost
         block *= 2
@@ -141,22 +160,24 @@ def _chunk(blocks: int, splits: int, cap: int) -> int:
     """Blocks per split: rounded down, so that at least ``splits`` splits result, unless that
     would exceed ``cap``."""
     chunk = max(blocks // splits, 1)
-    return chunk if triton.cdiv(blocks, chunk) <= cap else triton.cdiv(blocks, splits)
+    return chunk if _cdiv(blocks, chunk) <= cap else _cdiv(blocks, splits)
 
 
-def _with_splits(view: torch.Tensor, block_c: int, block_n: int, block_s: int, wanted: int, cap: int) -> Tiling:
-    """Split the ``[N, S]`` plane of ``view`` along N first, then S, into at most ``min(wanted, cap)``
-    rectangles made of whole steps."""
-    batch, _, spatial = view.shape
+def _with_splits(
+    shape: tuple[int, int, int], block_c: int, block_n: int, block_s: int, wanted: int, cap: int
+) -> Tiling:
+    """Split the ``[N, S]`` plane of an ``[N, C, S]`` view along N first, then S, into at most
+    ``min(wanted, cap)`` rectangles made of whole steps."""
+    batch, _, spatial = shape
     wanted = max(1, min(wanted, cap))
-    n_blocks = max(triton.cdiv(batch, block_n), 1)
-    s_blocks = max(triton.cdiv(spatial, block_s), 1)
+    n_blocks = max(_cdiv(batch, block_n), 1)
+    s_blocks = max(_cdiv(spatial, block_s), 1)
     n_splits = min(wanted, n_blocks)
     chunk_n = _chunk(n_blocks, n_splits, cap) * block_n
-    n_splits = max(triton.cdiv(batch, chunk_n), 1)
-    s_splits = min(triton.cdiv(wanted, n_splits), s_blocks, max(cap // n_splits, 1))
+    n_splits = max(_cdiv(batch, chunk_n), 1)
+    s_splits = min(_cdiv(wanted, n_splits), s_blocks, max(cap // n_splits, 1))
     chunk_s = _chunk(s_blocks, s_splits, max(cap // n_splits, 1)) * block_s
-    s_splits = max(triton.cdiv(spatial, chunk_s), 1)
+    s_splits = max(_cdiv(spatial, chunk_s), 1)
     return Tiling(block_c, block_n, block_s, chunk_n, chunk_s, n_splits, s_splits)
 
 
@@ -170,38 +191,50 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> 
     and layout, never on timing, so a reduction's order is fixed by the shape. Reductions
     (``reduction=True``) split a channel over at most ``MAX_SPLITS`` programs; the elementwise
     kernels split freely, aiming at ``_ELEMENTWISE_STEPS`` steps per program on large tensors.
+    The result is cached per (shape, layout, element size, programs, reduction): the launchers
+    ask on every call, with the same few shapes.
     """
-    batch, channels, spatial = view.shape
-    tile = _tile_elements(view.dtype)
-    if layout_of(view) == "channels_last":
-        block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
+    return _cached_tiling(tuple(view.shape), layout_of(view), view.element_size(), programs, reduction)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_tiling(shape: tuple[int, int, int], layout: str, itemsize: int, programs: int, reduction: bool) -> Tiling:
+    batch, channels, spatial = shape
+    tile = _tile_elements(itemsize)
+    if layout == "channels_last":
+        block_c = min(_MAX_BLOCK_C, _next_power_of_2(channels))
         block_s = 1
-        block_n = min(max(tile // block_c, 1), triton.next_power_of_2(max(batch, 1)))
+        block_n = min(max(tile // block_c, 1), _next_power_of_2(max(batch, 1)))
     else:
         block_c = 1
-        block_s = _spatial_block(view, tile)
-        block_n = min(max(tile // block_s, 1), triton.next_power_of_2(max(batch, 1)))
-    channel_blocks = triton.cdiv(channels, block_c)
+        block_s = _spatial_block(shape, tile, itemsize)
+        block_n = min(max(tile // block_s, 1), _next_power_of_2(max(batch, 1)))
+    channel_blocks = _cdiv(channels, block_c)
     # Too few steps to give every program one: smaller steps (down to 4 elements per thread).
     while (
         block_c * block_n * block_s > _NUM_WARPS * 32 * 4
-        and channel_blocks * triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s) < programs
+        and channel_blocks * _cdiv(max(batch, 1), block_n) * _cdiv(max(spatial, 1), block_s) < programs
     ):
         if block_n > 1:
             block_n //= 2
         else:
             block_s //= 2
-    wanted = triton.cdiv(programs, channel_blocks)
+    wanted = _cdiv(programs, channel_blocks)
     if not reduction:
-        steps = triton.cdiv(max(batch, 1), block_n) * triton.cdiv(max(spatial, 1), block_s)
-        wanted = max(wanted, triton.cdiv(steps, _ELEMENTWISE_STEPS))
-    return _with_splits(view, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
+        steps = _cdiv(max(batch, 1), block_n) * _cdiv(max(spatial, 1), block_s)
+        wanted = max(wanted, _cdiv(steps, _ELEMENTWISE_STEPS))
+    return _with_splits(shape, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_programs(device.index if device.index is not None else torch.cuda.current_device())
     return _INTERPRETER_PROGRAMS
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_programs(index: int) -> int:
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 LaunchFn = Callable[[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]], None]
@@ -229,16 +262,31 @@ def _programs(dispatch: Dispatch, device: torch.device) -> int:
     return dispatch.programs if dispatch.programs is not None else _target_programs(device)
 
 
-def _needs_int64(tiling: Tiling, *views: torch.Tensor) -> bool:
+# A view's geometry for the cached launch decisions: (shape, strides, element size).
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _geometries(*views: torch.Tensor | None) -> tuple[Geometry, ...]:
+    return tuple((tuple(view.shape), view.stride(), view.element_size()) for view in views if view is not None)
+
+
+def _needs_int64(tiling: Tiling, geometries: tuple[Geometry, ...]) -> bool:
     """True when a tile's lane offsets (channel, sample and position within a step) can exceed
     int32; the step offsets themselves are always 64-bit scalars."""
-    for view in views:
-        _, channels, _ = view.shape
-        sn, sc, ss = (abs(stride) for stride in view.stride())
+    for (_, channels, _), strides, _ in geometries:
+        sn, sc, ss = (abs(stride) for stride in strides)
         reach = (channels - 1) * sc + (tiling.block_n - 1) * sn + (tiling.block_s - 1) * ss
         if reach > _INT32_LIMIT:
             return True
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _access(tiling: Tiling, geometries: tuple[Geometry, ...]) -> tuple[bool, int, bool]:
+    """(INT64, VEC, SAME_STRIDES) of a launch over views of these geometries, computed once per
+    geometry (the launchers ask on every call)."""
+    same_strides = all(strides == geometries[0][1] for _, strides, _ in geometries)
+    return _needs_int64(tiling, geometries), _spatial_vector(tiling, geometries), same_strides
 
 
 def _strides(view: torch.Tensor | None) -> tuple[int, int, int]:
@@ -258,13 +306,15 @@ def spatial_vector(tiling: Tiling, *views: torch.Tensor | None) -> int:
     in one (sample, channel) row and in one step (see ``kernels/indexing.step_pointers``).
     channels_last vectorizes along C instead (unit channel stride, no hint needed).
     """
-    present = _present(*views)
-    vector = 16 // max(view.element_size() for view in present)
+    return _spatial_vector(tiling, _geometries(*views))
+
+
+def _spatial_vector(tiling: Tiling, geometries: tuple[Geometry, ...]) -> int:
+    vector = 16 // max(itemsize for _, _, itemsize in geometries)
     if tiling.block_s % vector or tiling.chunk_s % vector:
         return 1
-    for view in present:
-        _, _, spatial = view.shape
-        if spatial % vector or view.stride(2) != 1 or view.stride(0) % vector or view.stride(1) % vector:
+    for (_, _, spatial), (stride_n, stride_c, stride_s), _ in geometries:
+        if spatial % vector or stride_s != 1 or stride_n % vector or stride_c % vector:
             return 1
     return vector
 
@@ -283,22 +333,16 @@ def _blocks(tiling: Tiling) -> dict[str, int]:
             "num_warps": tiling.num_warps}  # fmt: skip
 
 
-def _same_strides(*views: torch.Tensor | None) -> bool:
-    """Whether every given view has the first one's strides (the kernels then share offsets)."""
-    present = _present(*views)
-    return all(view.stride() == present[0].stride() for view in present)
-
-
 def _merge_blocks(channels: int, splits: int) -> dict[str, int]:
     """Block sizes of the split merges (fixed per shape: a fixed summation order)."""
     return {
-        "BLOCK_C": min(MERGE_BLOCK_C, triton.next_power_of_2(channels)),
-        "SPLIT_BLOCK": min(MERGE_SPLIT_BLOCK, triton.next_power_of_2(splits)),
+        "BLOCK_C": min(MERGE_BLOCK_C, _next_power_of_2(channels)),
+        "SPLIT_BLOCK": min(MERGE_SPLIT_BLOCK, _next_power_of_2(splits)),
     }
 
 
 def _merge_grid(channels: int) -> tuple[int]:
-    return (triton.cdiv(channels, min(MERGE_BLOCK_C, triton.next_power_of_2(channels))),)
+    return (_cdiv(channels, min(MERGE_BLOCK_C, _next_power_of_2(channels))),)
 
 
 def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -327,12 +371,11 @@ def partial_stats(
     partials = packed
     if splits > 1:
         partials = torch.empty(3, splits, channels, dtype=torch.float64, device=x.device)
-    int64 = _needs_int64(tiling, x)
+    int64, vec, _ = _access(tiling, _geometries(x))
     dispatch.launch(
         _partial_stats_kernel, tiling.grid(channels),
         (x, partials, channels, *_geometry(x, tiling), splits, *x.stride()),
-        dict(ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64,
-             VEC=spatial_vector(tiling, x), **_blocks(tiling)),
+        dict(ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64, VEC=vec, **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
         dispatch.launch(
@@ -382,6 +425,7 @@ def normalize(
     cumulative = batch_stats and running_mean is not None and momentum is None
     if cumulative and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    int64, vec, same_strides = _access(tiling, _geometries(x, out, residual))
     dispatch.launch(
         _normalize_kernel, tiling.grid(channels),
         (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
@@ -389,9 +433,7 @@ def normalize(
          float(momentum or 0.0), float(eps), float(negative_slope),
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
-             ACC_DTYPE=_tl_dtype(acc_dtype), INT64=_needs_int64(tiling, x, out, *_present(residual)),
-             VEC=spatial_vector(tiling, x, out, residual), SAME_STRIDES=_same_strides(x, out, residual),
-             **_blocks(tiling)),
+             ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -433,15 +475,14 @@ def backward_reduce(
     partials = sums
     if splits > 1:
         partials = torch.empty(2, splits, channels, dtype=torch.float64, device=x.device)
+    int64, vec, same_strides = _access(tiling, _geometries(x, grad_out, residual))
     dispatch.launch(
         _backward_reduce_kernel, tiling.grid(channels),
         (grad_out, x, residual, mean, invstd, weight if activation else None, bias if activation else None,
          partials, grad_weight, grad_bias, channels, *_geometry(x, tiling), splits, float(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
-             INT64=_needs_int64(tiling, grad_out, x, *_present(residual)),
-             VEC=spatial_vector(tiling, grad_out, x, residual), SAME_STRIDES=_same_strides(x, grad_out, residual),
-             **_blocks(tiling)),
+             INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
         dispatch.launch(
@@ -488,13 +529,12 @@ def backward_dx(
     )
     channels = x.shape[1]
     tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device), reduction=False)
+    int64, vec, same_strides = _access(tiling, _geometries(x, grad_out, out, residual_layout))
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
         (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
          channels, *_geometry(x, tiling), float(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-             INT64=_needs_int64(tiling, grad_out, x, *_present(out, residual_layout)),
-             VEC=spatial_vector(tiling, grad_out, x, out, residual_layout),
-             SAME_STRIDES=_same_strides(x, grad_out, out, residual_layout), **_blocks(tiling)),
+             INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
     )  # fmt: skip
