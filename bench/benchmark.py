@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per case with several ranks")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<cpu|gpu>)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--from-rows", type=Path, default=None, metavar="ROWS_JSONL",
+        help="time nothing: rebuild the table, files and plots from the rows.jsonl a run (or a killed run) left",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from providers import MODES, PROVIDERS
 
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_rows:
+        rows, meta = read_rows(args.from_rows)
+        return finish(rows, meta, args)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton, here and in spawned ranks
     from triton_syncbn.distributed import free_local_port  # (imports triton: after the line above)
@@ -189,6 +197,7 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
     ]
     rows: list[dict] = []
     skipped: dict[str, str] = {}
+    progress = open_rows_file(args, meta, cuda) if lead else None
     for index, (shape, dtype_name, layout, mode) in enumerate(cases, 1):
         case = Case(shape.dims, DTYPES[dtype_name], layout == "channels_last", mode, device, group)
         functions = {}
@@ -213,9 +222,15 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
                 "actual_fraction": round(actual / copy_gbps, 4), "kernels": kernels, "collectives": collectives,
             })  # fmt: skip
         del functions
+        if progress is not None:
+            for row in rows[len(rows) - len(timings) :]:
+                progress.write(json.dumps({"row": row}) + "\n")
+            progress.flush()
         if lead:
             times = ", ".join(f"{name} {timing.median_us:.1f} us" for name, timing in timings.items())
             print(f"[{index}/{len(cases)}] world {world} {shape.id} {dtype_name} {layout} {mode}: {times}", flush=True)
+    if progress is not None:
+        progress.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -226,6 +241,42 @@ def run_rank(rank: int, world: int, port: int | None, args: argparse.Namespace) 
     return rows, meta
 
 
+def output_folder(args: argparse.Namespace, cuda: bool) -> Path:
+    return args.out or HERE / "results" / ("gpu" if cuda else "cpu")
+
+
+def open_rows_file(args: argparse.Namespace, meta: dict, cuda: bool) -> TextIO:
+    """``rows.jsonl`` in the output folder, written case by case, so that a run stopped part way
+    (a GPU lease running out) still leaves its measurements: ``--from-rows`` reports them.
+    One file per world size (``rows.jsonl``, ``rows-ws2.jsonl``); the meta data comes first."""
+    out = output_folder(args, cuda)
+    out.mkdir(parents=True, exist_ok=True)
+    world = meta["world_size"]
+    file = (out / ("rows.jsonl" if world == 1 else f"rows-ws{world}.jsonl")).open("w")
+    file.write(json.dumps({"meta": meta}) + "\n")
+    file.flush()
+    return file
+
+
+def read_rows(path: Path) -> tuple[list[dict], dict]:
+    """(rows, meta) from one or more ``rows*.jsonl`` files (a folder: all of them in it)."""
+    files = sorted(path.glob("rows*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"--from-rows: no rows*.jsonl in {path}")
+    rows: list[dict] = []
+    metas: list[dict] = []
+    for file in files:
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            if "meta" in record:
+                metas.append(record["meta"])
+            else:
+                rows.append(record["row"])
+    meta = {**metas[0], "world_size": " and ".join(str(m["world_size"]) for m in metas)}
+    print(f"read {len(rows)} rows from {', '.join(str(file) for file in files)}", flush=True)
+    return rows, meta
+
+
 def finish(rows: list[dict], meta: dict, args: argparse.Namespace) -> int:
     """Speedups, the stdout table, files and plots, from the lead rank's rows of every run."""
     from report import add_speedups, format_table, headline, plot, write_files
@@ -233,7 +284,8 @@ def finish(rows: list[dict], meta: dict, args: argparse.Namespace) -> int:
     cuda = meta["device"] == "cuda"
     add_speedups(rows)
     print(format_table(rows))
-    out = args.out or HERE / "results" / ("gpu" if cuda else "cpu")
+    out = output_folder(args, cuda)
+    out.mkdir(parents=True, exist_ok=True)
     paths = write_files(rows, meta, out)
     lines = headline(rows)
     paths.append(write_summary(rows, meta, out, lines))

@@ -1,0 +1,115 @@
+"""Host-side cost per call: how long the CPU takes to issue one forward / backward, ours and torch's.
+
+    python bench/host_overhead.py [--shape 2 16 4 4] [--calls 300] [--profile] [--device cuda]
+
+On a GPU a layer whose host work outlasts its kernels leaves the GPU idle: the benchmark then
+measures the host, not the kernels. With a tiny input (kernels of a few microseconds) the time
+per call of a loop of calls, synchronized once at the end, is the host's issue cost. Reports it
+for our module (training forward; forward + backward), torch's ``F.batch_norm`` on the same input
+and, on CUDA, an empty Triton kernel's launch; ``--profile`` adds the cProfile functions of ours
+by own time. Works on the CPU too (the plain-torch path's overhead, issue 13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def per_call_us(function: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Median over 5 rounds of the time per call of ``calls`` back-to-back calls."""
+    for _ in range(10):
+        function()
+    rounds = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(rounds)[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--shape", type=int, nargs="+", default=[2, 16, 4, 4])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="cProfile ours (forward + backward)")
+    args = parser.parse_args(argv)
+    import triton_syncbn
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    channels = args.shape[1]
+    module = triton_syncbn.SyncBatchNorm(channels, device=device)
+    x = torch.randn(args.shape, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    weight = torch.ones(channels, device=device, requires_grad=True)
+    bias = torch.zeros(channels, device=device, requires_grad=True)
+    mean, var = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+
+    def ours_forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def ours_step() -> None:
+        torch.autograd.grad(module(x), (x, module.weight, module.bias), grad)
+
+    def torch_forward() -> None:
+        with torch.no_grad():
+            F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+
+    def torch_step() -> None:
+        torch.autograd.grad(F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5), (x, weight, bias), grad)
+
+    cases = {
+        "ours forward": ours_forward,
+        "torch forward": torch_forward,
+        "ours forward+backward": ours_step,
+        "torch forward+backward": torch_step,
+    }
+    if device.type == "cuda":
+        cases["empty triton kernel launch"] = empty_triton_launch(device)
+    print(f"{args.device}, input {tuple(args.shape)}, {args.calls} calls per round, torch {torch.__version__}")
+    for name, function in cases.items():
+        print(f"{name:28} {per_call_us(function, args.calls, device):8.1f} us per call", flush=True)
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            ours_step()
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(30)
+        print(f"cProfile of {args.calls} forward+backward calls of ours, by own time:")
+        print(text.getvalue())
+    return 0
+
+
+def empty_triton_launch(device: torch.device) -> Callable[[], None]:
+    """One launch of a Triton kernel that stores a scalar: Triton's own host cost."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store_one(pointer, value, BLOCK: tl.constexpr):
+        tl.store(pointer + tl.arange(0, BLOCK), value)
+
+    target = torch.empty(16, device=device)
+    return lambda: _store_one[(1,)](target, 1.0, BLOCK=16)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
