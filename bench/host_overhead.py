@@ -86,16 +86,49 @@ def main(argv: list[str] | None = None) -> int:
     for name, function in cases.items():
         print(f"{name:28} {per_call_us(function, args.calls, device):8.1f} us per call", flush=True)
     if args.profile:
-        profile = cProfile.Profile()
-        profile.enable()
-        for _ in range(args.calls):
-            ours_step()
-        profile.disable()
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(30)
-        print(f"cProfile of {args.calls} forward+backward calls of ours, by own time:")
-        print(text.getvalue())
+        profile_step(ours_step, args.calls, backward_on_its_own_thread=device.type == "cuda")
     return 0
+
+
+def profile_step(step: Callable[[], None], calls: int, backward_on_its_own_thread: bool) -> None:
+    """cProfile ``calls`` training steps on this thread and, where autograd runs backward on a
+    thread of its own (CUDA: a device thread of the engine, which a profiler started here does
+    not see), our backward stage there too, with the wall time that stage takes per call."""
+    from triton_syncbn import function, stages
+
+    backward_profile = cProfile.Profile()
+    backward_seconds = [0.0]
+    original = stages.backward
+
+    def profiled_backward(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        backward_profile.enable()  # cProfile hooks the thread that calls enable()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            backward_profile.disable()
+            backward_seconds[0] += time.perf_counter() - start
+
+    forward_profile = cProfile.Profile()
+    if backward_on_its_own_thread:
+        function.stages.backward = profiled_backward
+    try:
+        forward_profile.enable()
+        for _ in range(calls):
+            step()
+        forward_profile.disable()
+    finally:
+        function.stages.backward = original
+    profiles = [("the calling thread", forward_profile)]
+    if backward_on_its_own_thread:
+        profiles.append(("our backward stage, on autograd's thread", backward_profile))
+    for title, profile in profiles:
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"cProfile of {calls} forward+backward calls of ours, {title}, by own time:")
+        print(text.getvalue())
+    if backward_on_its_own_thread:
+        print(f"our backward stage: {backward_seconds[0] / calls * 1e6:.1f} us per call (profiled)")
 
 
 def empty_triton_launch(device: torch.device) -> Callable[[], None]:

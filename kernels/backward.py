@@ -27,6 +27,7 @@ import triton.language as tl
 from .activation import activation_backward
 from .indexing import (
     advance,
+    float_argument,
     lane_offsets,
     lanes,
     load_affine,
@@ -88,7 +89,8 @@ def _backward_reduce_kernel(
     chunk_s,  # spatial positions per split (a multiple of BLOCK_S)
     s_splits,  # splits along S per split along N
     num_splits,  # splits in all (grid axis 1)
-    negative_slope,  # float: leaky_relu's slope
+    negative_slope,  # float: leaky_relu's slope (with negative_slope_low: indexing.float_argument)
+    negative_slope_low,
     stride_dyn,
     stride_dyc,
     stride_dys,
@@ -113,6 +115,7 @@ def _backward_reduce_kernel(
         stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
+    negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
     weight, bias = load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE)
@@ -208,7 +211,8 @@ def _backward_dx_kernel(
     chunk_n,  # samples per split (a multiple of BLOCK_N)
     chunk_s,  # spatial positions per split (a multiple of BLOCK_S)
     s_splits,  # splits along S per split along N
-    negative_slope,  # float: leaky_relu's slope
+    negative_slope,  # float: leaky_relu's slope (with negative_slope_low: indexing.float_argument)
+    negative_slope_low,
     stride_dyn,
     stride_dyc,
     stride_dys,
@@ -237,6 +241,7 @@ def _backward_dx_kernel(
         stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
+    negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
     weight, bias = load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE)

@@ -109,6 +109,16 @@ def load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE: tl.cons
 
 
 @triton.jit
+def float_argument(high, low, DTYPE: tl.constexpr):
+    """A float argument the launcher split in two (``launchers.float_halves``), in ``DTYPE``.
+
+    Triton passes Python floats as float32; ``high + low`` in float64 restores the value to ~48
+    bits, so float64 inputs see eps, momentum and slopes as given (0.01 as float32 is off by
+    2e-8 relative, far above float64's tolerances). Scalar work, once per program."""
+    return ((tl.zeros([], dtype=tl.float64) + high) + low).to(DTYPE)  # (a Python float in the interpreter)
+
+
+@triton.jit
 def to_element_type(value, pointer):
     """Cast float64 ``value`` to ``pointer``'s element type, through float32 below float64:
     a direct float64 -> bfloat16 conversion is not supported everywhere (Triton's interpreter

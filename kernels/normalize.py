@@ -19,6 +19,7 @@ import triton.language as tl
 from .activation import apply_activation
 from .indexing import (
     advance,
+    float_argument,
     lane_offsets,
     lanes,
     load_affine,
@@ -104,9 +105,12 @@ def _normalize_kernel(
     running_mean_ptr,  # [C]: read when not BATCH_STATS; with BATCH_STATS updated in place, or None
     running_var_ptr,  # [C]: likewise; holds the unbiased variance
     num_batches_ptr,  # int64 scalar incremented (BATCH_STATS), or None
-    momentum,  # float: exponential average factor when not CUMULATIVE
-    eps,  # float
-    negative_slope,  # float: leaky_relu's slope (ACTIVATION == 2)
+    momentum,  # float: exponential average factor when not CUMULATIVE (with momentum_low: float_argument)
+    momentum_low,
+    eps,  # float (with eps_low)
+    eps_low,
+    negative_slope,  # float: leaky_relu's slope (ACTIVATION == 2) (with negative_slope_low)
+    negative_slope_low,
     C,  # channels
     N,  # samples of the view
     S,  # spatial size of the view
@@ -140,6 +144,9 @@ def _normalize_kernel(
     pid_split = tl.program_id(1)
     channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
+    momentum = float_argument(momentum, momentum_low, tl.float64)
+    eps = float_argument(eps, eps_low, tl.float64)
+    negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
 
     if BATCH_STATS:
         count, mean64, m2 = _batch_moments(stats_ptr, channels, channel_mask, C)
@@ -152,7 +159,7 @@ def _normalize_kernel(
     else:
         mean = widen(tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0), ACC_DTYPE)
         var = widen(tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0), ACC_DTYPE)
-        invstd = 1.0 / tl.sqrt(var + eps)
+        invstd = 1.0 / tl.sqrt(var + eps.to(ACC_DTYPE))
     if pid_split == 0:
         tl.store(mean_ptr + channels, mean, mask=channel_mask)
         tl.store(invstd_ptr + channels, invstd, mask=channel_mask)

@@ -154,3 +154,41 @@ def test_splits_actually_split(clusters) -> None:
     """The forced tilings above really run several programs per channel (the combine kernels)."""
     results = clusters("interpreter").run(run_kernel_case, CASES[1])[0]
     assert results["tiling"].splits > 1
+
+
+def test_float_arguments_reach_the_kernels_as_exact_float32_halves() -> None:
+    """Compiled Triton passes Python floats as float32 (the interpreter keeps float64, so the
+    oracle tests cannot see it): on an H200 a float64 layer with leaky_relu(0.01) was off by 2e-8
+    relative. Every float a launcher passes is half of a (float32-exact high, remainder) pair,
+    and eps, momentum and the slope come back whole from the two halves as the GPU sees them."""
+    import numpy as np
+
+    from triton_syncbn import launchers
+    from triton_syncbn.contract import Epilogue, RunningStats, SavedStatistics
+    from triton_syncbn.kernels.activation import ACTIVATION_CODES
+
+    floats: list[float] = []
+
+    def record(kernel: object, grid: tuple[int, ...], args: tuple[object, ...], kwargs: dict) -> None:
+        floats.extend(arg for arg in args if isinstance(arg, float))
+
+    dispatch = launchers.Dispatch(programs=4, launch=record)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    weight, bias = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    stats = torch.rand(3, 4, dtype=torch.float64)
+    running = RunningStats(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                           torch.zeros((), dtype=torch.int64), 0.1)  # fmt: skip
+    epilogue = Epilogue(None, ACTIVATION_CODES["leaky_relu"], 0.01)
+    out = torch.empty_like(x)
+    mean, invstd = launchers.normalize(x, out, weight, bias, stats, running, 1e-5, epilogue, dispatch=dispatch)
+    saved = SavedStatistics(mean, invstd, torch.full((4,), 15.0, dtype=torch.float64))
+    sums, _, _ = launchers.backward_reduce(
+        x, x, weight, bias, saved, epilogue, torch.float64, torch.float64, dispatch=dispatch
+    )
+    launchers.backward_dx(x, x, out, weight, bias, saved, sums, epilogue, dispatch=dispatch)
+    assert floats and len(floats) % 2 == 0, floats
+    highs, lows = np.float32(floats[0::2]), np.float32(floats[1::2])  # what a compiled kernel receives
+    assert all(float(high) == value for high, value in zip(highs, floats[0::2], strict=True)), floats
+    pairs = {float(np.float64(high) + np.float64(low)) for high, low in zip(highs, lows, strict=True)}
+    for value in (0.1, 1e-5, 0.01):
+        assert any(abs(pair - value) <= 1e-15 * value for pair in pairs), (value, floats)

@@ -9,6 +9,7 @@ interpreter is off.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -319,6 +320,13 @@ def _spatial_vector(tiling: Tiling, geometries: tuple[Geometry, ...]) -> int:
     return vector
 
 
+def float_halves(value: float) -> tuple[float, float]:
+    """``value`` as (float32-representable high part, remainder): Triton passes Python floats to
+    kernels as float32, and ``kernels.indexing.float_argument`` adds the halves back in float64."""
+    high = struct.unpack("f", struct.pack("f", value))[0]
+    return high, float(value) - high
+
+
 def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -430,7 +438,7 @@ def normalize(
         _normalize_kernel, tiling.grid(channels),
         (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
          num_batches_tracked if batch_stats else None,
-         float(momentum or 0.0), float(eps), float(negative_slope),
+         *float_halves(momentum or 0.0), *float_halves(eps), *float_halves(negative_slope),
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
              ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
@@ -479,7 +487,7 @@ def backward_reduce(
     dispatch.launch(
         _backward_reduce_kernel, tiling.grid(channels),
         (grad_out, x, residual, mean, invstd, weight if activation else None, bias if activation else None,
-         partials, grad_weight, grad_bias, channels, *_geometry(x, tiling), splits, float(negative_slope),
+         partials, grad_weight, grad_bias, channels, *_geometry(x, tiling), splits, *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
              INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
@@ -533,7 +541,7 @@ def backward_dx(
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
         (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
-         channels, *_geometry(x, tiling), float(negative_slope),
+         channels, *_geometry(x, tiling), *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
              INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
