@@ -30,6 +30,8 @@ CASES = [
     KernelCase((6, 4, 10), mode="cumulative", weight=False, bias=False),
     KernelCase((6, 4, 10), torch.float16, tiles=(4, 16, 2), bias=False),
     KernelCase((0, 4, 3, 3)),  # an empty local batch: zero counts, running statistics unchanged
+    # 300 splits per channel: the merges take them in one step of 512 lanes, 4 channels per program
+    KernelCase((300, 5, 1, 16), torch.float32, "channels_last", tiles=(8, 16, 300)),
     # fused epilogues: act(bn(x) [+ residual]), backward through the recomputed pre-activation
     KernelCase((6, 5, 7, 9), tiles=(2, 16, 5), activation="relu", residual="same"),
     KernelCase(

@@ -36,10 +36,14 @@ _MAX_BLOCK_C = 64
 # Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU: 4 is the
 # target (bench/perf_model.py), 5 leaves room for the rounding of splits to whole steps.
 PROGRAMS_PER_SM = 5
-# Splits of one channel block a reduction may use; the merge adds MERGE_SPLIT_BLOCK of them per
-# serial step (so at most 16 steps), channels MERGE_BLOCK_C per program.
+# Splits of one channel block a reduction may use. The merge of a split reduction loads all of a
+# channel's splits at once (MERGE_SPLIT_BLOCK lanes, then one tree: a fixed order): on an H200
+# each serial step of the merge cost ~1.5 us (a dependent DRAM round trip), 11 steps ~20 us. A
+# merge program holds MERGE_TILE float64 per partial array (16 per thread), so it covers
+# MERGE_TILE // MERGE_SPLIT_BLOCK channels, at most MERGE_BLOCK_C.
 MAX_SPLITS = 1024
-MERGE_SPLIT_BLOCK = 64
+MERGE_SPLIT_BLOCK = 1024
+MERGE_TILE = 2048
 MERGE_BLOCK_C = 16
 # Contiguous layout: the least bytes a step reads along each (sample, channel) row, unless the row
 # is shorter (two 128-byte lines: whole DRAM bursts, few rows per step).
@@ -342,15 +346,15 @@ def _blocks(tiling: Tiling) -> dict[str, int]:
 
 
 def _merge_blocks(channels: int, splits: int) -> dict[str, int]:
-    """Block sizes of the split merges (fixed per shape: a fixed summation order)."""
-    return {
-        "BLOCK_C": min(MERGE_BLOCK_C, _next_power_of_2(channels)),
-        "SPLIT_BLOCK": min(MERGE_SPLIT_BLOCK, _next_power_of_2(splits)),
-    }
+    """Block sizes of the split merges (fixed per shape: a fixed summation order): every split
+    in one step up to MERGE_SPLIT_BLOCK splits."""
+    split_block = min(MERGE_SPLIT_BLOCK, _next_power_of_2(splits))
+    block_c = max(1, min(MERGE_BLOCK_C, _next_power_of_2(channels), MERGE_TILE // split_block))
+    return {"BLOCK_C": block_c, "SPLIT_BLOCK": split_block}
 
 
-def _merge_grid(channels: int) -> tuple[int]:
-    return (_cdiv(channels, min(MERGE_BLOCK_C, _next_power_of_2(channels))),)
+def _merge_grid(channels: int, splits: int) -> tuple[int]:
+    return (_cdiv(channels, _merge_blocks(channels, splits)["BLOCK_C"]),)
 
 
 def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -387,7 +391,7 @@ def partial_stats(
     )  # fmt: skip
     if splits > 1:
         dispatch.launch(
-            _combine_stats_kernel, _merge_grid(channels),
+            _combine_stats_kernel, _merge_grid(channels, splits),
             (partials, x, packed, channels, x.shape[0], x.shape[2], splits, x.stride(1)),
             dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, **_merge_blocks(channels, splits)),
         )  # fmt: skip
@@ -494,7 +498,7 @@ def backward_reduce(
     )  # fmt: skip
     if splits > 1:
         dispatch.launch(
-            _combine_grad_sums_kernel, _merge_grid(channels),
+            _combine_grad_sums_kernel, _merge_grid(channels, splits),
             (partials, invstd, sums, grad_weight, grad_bias, channels, splits),
             dict(ACC_DTYPE=_tl_dtype(acc_dtype), **_merge_blocks(channels, splits)),
         )  # fmt: skip
