@@ -78,7 +78,16 @@ def _affine_into(
     multiplier ``scale`` and its constant ``shift - center * scale`` (float32 for low-precision
     input, float64 for float64), so the arithmetic is torch's own BatchNorm forward.
     ``center``/``scale``/``shift`` are ``[C]`` in the accumulation dtype.
+
+    With ``S == 1`` (BatchNorm1d's ``[N, C]``) the same map is one ``addcmul`` over ``[N, C]``
+    (``src * scale + (shift - center * scale)``, computed in the accumulation dtype, stored in
+    ``out``'s): ATen's eval batch norm takes a per-(sample, channel) path there, ~5x slower
+    (256 x 1024 fp32: ~280 us a pass, of a ~1 ms forward + backward).
     """
+    if src.shape[2] == 1:
+        constant = -center * scale if shift is None else shift - center * scale
+        torch.addcmul(constant, src.select(2, 0), scale, out=out.select(2, 0))
+        return
     empty = center.new_empty(0)
     _aten.native_batch_norm.out(
         _four_d(src), scale, shift, center, torch.ones_like(center), False, 0.0, 0.0,
