@@ -5,7 +5,8 @@
 #   2. the host's cost per call, ours and torch's (bench/host_overhead.py),
 #   3. per-kernel device times next to the static model's predictions (bench/kernel_times.py),
 #   4. the benchmark on PERF.md shapes (fp32 and bf16, both layouts) against torch's SyncBN and BN,
-#   5. Nsight Compute sections for a few kernels, where ncu is installed.
+#   5. Nsight Compute sections for a few kernels, where ncu is installed,
+#   6. a quick autotune of the elementwise kernels on S4 bf16 channels_last (bench/autotune.py).
 # Every step writes as it goes, so a step stopped at its limit keeps what it measured.
 # Results go to the folder given as $1, else $OUT, else bench/results/gpu: four logs, ncu.csv,
 # summary.md, kernel_times.md and results.tgz holding the rest (8 files: a lease returns at most 8).
@@ -40,8 +41,8 @@ step tests 130 python3 -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider "$
     >> "$out/tests.log" 2>&1
 tail -n 4 "$out/tests.log"
 
-step host-overhead 40 python3 bench/host_overhead.py > "$out/host_overhead.log" 2>&1
-cat "$out/host_overhead.log"
+step host-overhead 60 python3 bench/host_overhead.py --profile > "$out/host_overhead.log" 2>&1
+head -n 8 "$out/host_overhead.log"
 
 step kernel-times 80 python3 bench/kernel_times.py --out "$work" --steps 5 > "$out/kernel_times.log" 2>&1
 cp "$work/kernel_times.md" "$out/" 2> /dev/null
@@ -66,6 +67,9 @@ if command -v ncu > /dev/null; then
 else
     echo "ncu not installed" > "$out/ncu.csv"
 fi
+step autotune 90 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
+    --out "$work/tuning.json" > "$work/autotune.log" 2>&1
+tail -n 3 "$work/autotune.log"
 tar -czf "$out/results.tgz" -C "$work" . && rm -rf "$work"
 ls -l "$out"
 exit $status

@@ -222,3 +222,78 @@ def batch_mean_and_parameter_grads() -> dict[str, torch.Tensor] | None:
     module = triton_syncbn.SyncBatchNorm(ACCURACY_SHAPE[1], momentum=1.0, process_group=group)
     module(x).backward(dy)
     return {"mean": module.running_mean, "grad_weight": module.weight.grad, "grad_bias": module.bias.grad}
+
+
+def elementwise_bits_under_tuning(
+    shape: tuple[int, ...], dtype: torch.dtype, layout: str, activation: str | None, configs: list[tuple[int, int, int]]
+) -> dict[str, object] | None:
+    """normalize and backward_dx through the interpreter with the heuristic tiling and with each
+    tuned ``(thread_elements, num_warps, steps)``; whether each writes the heuristic's bits, and
+    the grids they launched (rank 0 only)."""
+    import torch.distributed as dist
+
+    from triton_syncbn import tuning
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    if not INTERPRETED:
+        raise RuntimeError("elementwise_bits_under_tuning needs a worker started with TRITON_INTERPRET=1")
+    generator = torch.Generator().manual_seed(7)
+    x = _layout(torch.randn(shape, generator=generator).mul_(3).add_(1).to(dtype), layout)
+    dy = _layout(torch.randn(shape, generator=generator).to(dtype), layout)
+    residual = _layout(torch.randn(shape, generator=generator).to(dtype), layout)
+    channels = shape[1]
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    x_view, dy_view, residual_view = channel_view(x), channel_view(dy), channel_view(residual)
+    epilogue = Epilogue(residual_view, ACTIVATION_CODES[activation or "identity"], NEGATIVE_SLOPE)
+    stats = launchers.partial_stats(x_view)
+    saved_count = stats[0].clone()
+
+    def run(dispatch: launchers.Dispatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        grids = []
+
+        def launch(kernel: object, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+            grids.append((getattr(kernel, "__name__", str(kernel)), grid, kwargs.get("num_warps")))
+            kernel[grid](*args, **kwargs)
+
+        dispatch = launchers.Dispatch(dispatch.programs, launch, dispatch.tuning)
+        y, y_view = empty_output_like(x)
+        y_view.fill_(float("nan"))
+        mean, invstd = launchers.normalize(x_view, y_view, weight, bias, stats, None, 1e-5, epilogue, dispatch=dispatch)
+        saved = SavedStatistics(mean, invstd, saved_count)
+        sums, _, _ = launchers.backward_reduce(dy_view, x_view, weight, bias, saved, epilogue, None, None)
+        dx, dx_view = empty_output_like(x)
+        dx_view.fill_(float("nan"))
+        grad_residual, grad_residual_view = empty_output_like(residual)
+        launchers.backward_dx(
+            dy_view, x_view, dx_view, weight, bias, saved, sums, epilogue, grad_residual_view, dispatch=dispatch
+        )
+        return y, dx, grad_residual, grids
+
+    reference = run(launchers.Dispatch())
+    results: dict[str, object] = {"reference_grids": reference[3], "configs": []}
+    for thread_elements, num_warps, steps in configs:
+        config = tuning.ElementwiseConfig(thread_elements, num_warps, steps)
+        table = _table_for_every_key(config)
+        tuned = run(launchers.Dispatch(tuning=table))
+        results["configs"].append({
+            "config": (thread_elements, num_warps, steps),
+            "same_bits": [_same_bits(a, b) for a, b in zip(reference[:3], tuned[:3], strict=True)],
+            "grids": tuned[3],
+        })  # fmt: skip
+    return results
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+class _table_for_every_key:  # noqa: N801 - a stand-in for tuning.TuningTable
+    """A table that answers every key with one configuration."""
+
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+    def lookup(self, key: object) -> object:
+        return self.config

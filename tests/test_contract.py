@@ -71,7 +71,7 @@ def test_backward_call_round_trips_by_name() -> None:
 # Top to bottom; a module may import the ones below it and the shared ones (docs/architecture.md).
 LAYERS = ["convert", "module", "functional", "function", "ops", "composite", "stages", "backend", "launchers",
           "torch_path"]  # fmt: skip
-SHARED = {"contract": set(), "distributed": set(), "layout": set()}
+SHARED = {"contract": set(), "distributed": set(), "layout": set(), "tuning": set()}
 # The one upward edge, resolved at call time: the classmethod alias of ``convert_sync_batchnorm``
 # that torch's SyncBatchNorm API has (``SyncBatchNorm.convert_sync_batchnorm``).
 ALLOWED_UPWARD = {("module", "convert")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from triton_syncbn.kernels import (
     _partial_stats_kernel,
 )
 
+from . import tuning
 from .contract import Epilogue, RunningStats, SavedStatistics
 from .layout import accumulation_dtype
 
@@ -203,9 +204,20 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> 
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_tiling(shape: tuple[int, int, int], layout: str, itemsize: int, programs: int, reduction: bool) -> Tiling:
+def _cached_tiling(
+    shape: tuple[int, int, int],
+    layout: str,
+    itemsize: int,
+    programs: int,
+    reduction: bool,
+    config: tuning.ElementwiseConfig | None = None,
+) -> Tiling:
+    """``choose_tiling``'s work; ``config`` (elementwise kernels only) replaces the elements per
+    thread, warps and steps per program of the heuristic."""
     batch, channels, spatial = shape
-    tile = _tile_elements(itemsize)
+    num_warps = _NUM_WARPS if config is None else config.num_warps
+    tile = _tile_elements(itemsize) if config is None else config.thread_elements * 32 * num_warps
+    elementwise_steps = _ELEMENTWISE_STEPS if config is None else config.steps
     if layout == "channels_last":
         block_c = min(_MAX_BLOCK_C, _next_power_of_2(channels))
         block_s = 1
@@ -217,7 +229,7 @@ def _cached_tiling(shape: tuple[int, int, int], layout: str, itemsize: int, prog
     channel_blocks = _cdiv(channels, block_c)
     # Too few steps to give every program one: smaller steps (down to 4 elements per thread).
     while (
-        block_c * block_n * block_s > _NUM_WARPS * 32 * 4
+        block_c * block_n * block_s > num_warps * 32 * 4
         and channel_blocks * _cdiv(max(batch, 1), block_n) * _cdiv(max(spatial, 1), block_s) < programs
     ):
         if block_n > 1:
@@ -227,8 +239,9 @@ def _cached_tiling(shape: tuple[int, int, int], layout: str, itemsize: int, prog
     wanted = _cdiv(programs, channel_blocks)
     if not reduction:
         steps = _cdiv(max(batch, 1), block_n) * _cdiv(max(spatial, 1), block_s)
-        wanted = max(wanted, _cdiv(steps, _ELEMENTWISE_STEPS))
-    return _with_splits(shape, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
+        wanted = max(wanted, _cdiv(steps, elementwise_steps))
+    tiling = _with_splits(shape, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
+    return tiling if num_warps == _NUM_WARPS else replace(tiling, num_warps=num_warps)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -254,10 +267,12 @@ class Dispatch:
     """Where the launchers' kernel launches go: ``launch(kernel, grid, args, kwargs)`` runs them
     (the default) or records them (bench/codegen.py compiles recorded launches for a GPU that
     is not here); ``programs`` is the number of programs to aim for (default: PROGRAMS_PER_SM per SM of the
-    tensor's device, 4 under the interpreter)."""
+    tensor's device, 4 under the interpreter); ``tuning`` configures the elementwise kernels
+    (default: the table of ``tuning.use``, if any; see ``triton_syncbn/tuning.py``)."""
 
     programs: int | None = None
     launch: LaunchFn = _run
+    tuning: tuning.TuningTable | None = None
 
 
 _DEFAULT_DISPATCH = Dispatch()
@@ -265,6 +280,27 @@ _DEFAULT_DISPATCH = Dispatch()
 
 def _programs(dispatch: Dispatch, device: torch.device) -> int:
     return dispatch.programs if dispatch.programs is not None else _target_programs(device)
+
+
+def elementwise_tiling(
+    kernel: str,
+    view: torch.Tensor,
+    flags: Callable[[], dict[str, bool | int]],
+    dispatch: Dispatch = _DEFAULT_DISPATCH,
+) -> Tiling:
+    """The tiling of an elementwise kernel (``tuning.KERNELS``) on ``view`` ``[N, C, S]``: the
+    tuned configuration of the dispatch's (or the process's) table for this key, else the
+    heuristic. ``flags()`` gives the launch's constexpr flags fixed before tiling (called only
+    when a table is in use)."""
+    table = dispatch.tuning if dispatch.tuning is not None else tuning.active()
+    programs = _programs(dispatch, view.device)
+    if table is not None:
+        layout = layout_of(view)
+        key = tuning.TuningKey.of(kernel, layout, tuple(view.shape), view.element_size(), flags())
+        config = table.lookup(key)
+        if config is not None:
+            return _cached_tiling(tuple(view.shape), layout, view.element_size(), programs, False, config)
+    return choose_tiling(view, programs, reduction=False)
 
 
 # A view's geometry for the cached launch decisions: (shape, strides, element size).
@@ -286,12 +322,16 @@ def _needs_int64(tiling: Tiling, geometries: tuple[Geometry, ...]) -> bool:
     return False
 
 
+def _same_strides(geometries: tuple[Geometry, ...]) -> bool:
+    """Whether every view has the first one's strides (the kernels then share offsets)."""
+    return all(strides == geometries[0][1] for _, strides, _ in geometries)
+
+
 @functools.lru_cache(maxsize=4096)
 def _access(tiling: Tiling, geometries: tuple[Geometry, ...]) -> tuple[bool, int, bool]:
     """(INT64, VEC, SAME_STRIDES) of a launch over views of these geometries, computed once per
     geometry (the launchers ask on every call)."""
-    same_strides = all(strides == geometries[0][1] for _, strides, _ in geometries)
-    return _needs_int64(tiling, geometries), _spatial_vector(tiling, geometries), same_strides
+    return _needs_int64(tiling, geometries), _spatial_vector(tiling, geometries), _same_strides(geometries)
 
 
 def _strides(view: torch.Tensor | None) -> tuple[int, int, int]:
@@ -429,15 +469,20 @@ def normalize(
     residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     x, out, residual = _collapsed(x, out, residual)
     channels = x.shape[1]
-    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device), reduction=False)
-    acc_dtype = accumulation_dtype(x.dtype)
-    mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
-    invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
     batch_stats = stats is not None
     cumulative = batch_stats and running_mean is not None and momentum is None
     if cumulative and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    int64, vec, same_strides = _access(tiling, _geometries(x, out, residual))
+    geometries = _geometries(x, out, residual)
+    tiling = tiling.refit(x) if tiling else elementwise_tiling(
+        "normalize", x, lambda: dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
+                                     RESIDUAL=residual is not None, SAME_STRIDES=_same_strides(geometries)),
+        dispatch,
+    )  # fmt: skip
+    acc_dtype = accumulation_dtype(x.dtype)
+    mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
+    invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
+    int64, vec, same_strides = _access(tiling, geometries)
     dispatch.launch(
         _normalize_kernel, tiling.grid(channels),
         (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
@@ -540,8 +585,14 @@ def backward_dx(
         grad_out, x, out, residual, grad_residual, residual_layout
     )
     channels = x.shape[1]
-    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device), reduction=False)
-    int64, vec, same_strides = _access(tiling, _geometries(x, grad_out, out, residual_layout))
+    geometries = _geometries(x, grad_out, out, residual_layout)
+    tiling = tiling.refit(x) if tiling else elementwise_tiling(
+        "backward_dx", x, lambda: dict(BATCH_STATS=sums is not None, ACTIVATION=activation,
+                                       RESIDUAL=residual is not None, GRAD_RESIDUAL=grad_residual is not None,
+                                       INPUT_GRAD=out is not None, SAME_STRIDES=_same_strides(geometries)),
+        dispatch,
+    )  # fmt: skip
+    int64, vec, same_strides = _access(tiling, geometries)
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
         (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
