@@ -6,7 +6,8 @@ For each specialization the launchers pick (captured from real launcher calls on
 so the check compiles exactly what would run) it asserts:
 - it builds (PTX and a cubin from ptxas),
 - no local memory (register spills or a stack frame),
-- 128-bit global loads and stores in the streaming kernels for 16-byte aligned inputs, in both
+- 128-bit global loads (or 16-byte cp.async copies, where the loop is pipelined) and stores in
+  the streaming kernels for 16-byte aligned inputs, in both
   the contiguous and the channels_last layout,
 - 64-bit lane offsets (``INT64``) when the tensor can have 2**31 elements or more, and none below.
 Launches are recorded for an H200-sized grid (132 SMs x ``launchers.PROGRAMS_PER_SM``). Speed (instructions per
@@ -90,7 +91,10 @@ def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
         if ".local" in ptx:
             failures.append("local memory (spills or stack)")
         if launch.name in STREAMING:
-            vector = bool(re.search(r"ld\.global(\.\w+)*\.(v4\.b32|v2\.b64)", ptx))
+            # plain 128-bit loads, or 16-byte asynchronous copies of a software-pipelined loop
+            vector = bool(re.search(r"ld\.global(\.\w+)*\.(v4\.b32|v2\.b64)", ptx)) or bool(
+                re.search(r"cp\.async\.c[ag]\.shared\.global[^;]*,\s*(0x10|16)\s*[,;]", ptx)
+            )
             if spec.expect_vector and not vector:
                 failures.append("no 128-bit global loads")
             if (

@@ -22,7 +22,9 @@ The formula (constants per GPU in ``GPUS``; one place):
         u = lane utilization: valid elements / (lanes stepped over), masked padding included
     resident programs per SM    r   = min(occupancy limit (registers, warps, blocks, smem),
                                           programs / SMs)
-    loads in flight per SM      F   = (load bytes per thread per iteration) x threads x r
+    loads in flight per SM      F   = (load bytes per thread per iteration) x threads x r x depth
+        depth: NUM_STAGES - 1 when the loop's loads are asynchronous copies (LDGSTS: Triton
+        software-pipelined them, tl.range(num_stages=...)), else 1
     Little's law need           L   = copy_bandwidth x latency / SMs              (H200: ~46 KB)
         latency: an effective 1.4 us, fitted to the first H200 measurements (bench/NOTES.md: 74 of
         88 directions within 20%, against 51 with the 700 ns DRAM latency): the loops do not keep
@@ -130,6 +132,7 @@ class Sass:
     integer_division: bool
     block_reduction: bool
     widest_load: int  # bytes of the widest global load anywhere
+    pipelined: bool = False  # the loop's loads are asynchronous copies (LDGSTS): software-pipelined
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:
@@ -142,6 +145,11 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
             [str(_BIN / "cuobjdump"), "-res-usage", file.name], capture_output=True, text=True, check=True
         )
     return sass.stdout, usage.stdout
+
+
+def _is_global_load(opcode: str) -> bool:
+    """LDG and the asynchronous global-to-shared copies (LDGSTS) of a software-pipelined loop."""
+    return opcode.startswith("LDG") and not opcode.startswith("LDGDEPBAR")
 
 
 def _access_bytes(opcode: str) -> int:
@@ -168,7 +176,7 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         target = _TARGET.search(operands)
         if opcode.startswith("BRA") and target and labels.get(target.group(1), index + 1) <= index:
             body = instructions[labels[target.group(1)] : index + 1]
-            if any(op.startswith("LDG") for op, _ in body):
+            if any(_is_global_load(op) for op, _ in body):
                 loops.append(body)
     body = min(loops, key=len) if loops else []
     opcodes = [op for op, _ in body]
@@ -179,12 +187,13 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         shared=shared,
         num_warps=num_warps,
         loop_instructions=len(body),
-        loop_load_bytes=sum(_access_bytes(op) for op in opcodes if op.startswith("LDG")),
+        loop_load_bytes=sum(_access_bytes(op) for op in opcodes if _is_global_load(op)),
         loop_store_bytes=sum(_access_bytes(op) for op in opcodes if op.startswith("STG")),
         integer_division=any(op.startswith("I2F") and "RP" in op for op in opcodes)
         and any(op.startswith("MUFU.RCP") for op in opcodes),
         block_reduction=any(op.startswith(("BAR", "SHFL")) for op in opcodes),
-        widest_load=max((_access_bytes(op) for op, _ in instructions if op.startswith("LDG")), default=0),
+        widest_load=max((_access_bytes(op) for op, _ in instructions if _is_global_load(op)), default=0),
+        pipelined=any(op.startswith("LDGSTS") for op in opcodes),
     )
 
 
@@ -197,7 +206,9 @@ def compiled_sass(launch: KernelLaunch, arch: int) -> Sass:
     if key not in _CACHE:
         compiled = compile_launch(launch, arch)
         sass, usage = disassemble(compiled.asm["cubin"])
-        _CACHE[key] = read_sass(sass, usage, launch.kwargs.get("num_warps", 4))
+        figures = read_sass(sass, usage, launch.kwargs.get("num_warps", 4))
+        figures.shared = max(figures.shared, int(compiled.metadata.shared))  # + the pipeline's dynamic buffers
+        _CACHE[key] = figures
     return _CACHE[key]
 
 
@@ -283,7 +294,10 @@ def kernel_figures(
     utilization = _utilization(launch, numel)
     issue = sass.loop_instructions / (32 * moved) * gpu.bytes_per_cycle / utilization if moved else math.inf
     issue_limit = min(1.0, gpu.sustained_issue / issue)
-    per_program = sass.loop_load_bytes * 32 * sass.num_warps  # load bytes in flight per resident program
+    # load bytes in flight per resident program: one iteration's, or NUM_STAGES - 1 iterations'
+    # when the loop's loads are software-pipelined (asynchronous copies issued that far ahead)
+    depth = max(launch.kwargs.get("NUM_STAGES", 1) - 1, 1) if sass.pipelined else 1
+    per_program = sass.loop_load_bytes * 32 * sass.num_warps * depth
     in_flight = per_program * min(resident, per_sm)
     # Full waves run with `resident` programs per SM; a last partial wave with fewer, each limited
     # by issue and memory parallelism; SMs without a program idle (min(1, programs / SMs)).

@@ -109,6 +109,7 @@ def _backward_reduce_kernel(
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
     SAME_STRIDES: tl.constexpr,  # dy (and residual) strided like x: one set of offsets (fewer registers)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the inner loop's loads (1: none)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -133,7 +134,8 @@ def _backward_reduce_kernel(
     for first in range(0, steps, FLUSH_STEPS):
         acc_dy = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
         acc_dy_xmu = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
-        for _ in range(first, tl.minimum(first + FLUSH_STEPS, steps)):
+        # NUM_STAGES > 1: the loads software-pipelined (see kernels/stats.py)
+        for _ in tl.range(first, tl.minimum(first + FLUSH_STEPS, steps), num_stages=NUM_STAGES):
             mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
             dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC)
             x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)

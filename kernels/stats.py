@@ -76,6 +76,7 @@ def _partial_stats_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -90,7 +91,9 @@ def _partial_stats_kernel(
     acc_sumsq = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
     n0 = n_lo
     s0 = s_lo
-    for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
+    # NUM_STAGES > 1: Triton software-pipelines the loads (cp.async into shared memory, NUM_STAGES - 1
+    # steps ahead), so a warp keeps several steps' bytes in flight instead of one.
+    for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
         # Masked lanes read the pilot itself, so they add exactly zero (no select per element).
         x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=pilot_x)
