@@ -3,7 +3,8 @@
 #   1. the GPU tests (compiled kernels against the float64 oracle, 4 gloo ranks sharing the GPU,
 #      no host sync, CUDA graphs, torch.compile on CUDA; NCCL when there are 2+ GPUs),
 #   2. the host's cost per call, ours and torch's (bench/host_overhead.py),
-#   3. per-kernel device times next to the static model's predictions (bench/kernel_times.py),
+#   3. per-kernel device times next to the static model's predictions (bench/kernel_times.py), and
+#      for a few shapes again without the reductions' software pipelining (the A/B of that choice),
 #   4. the benchmark on PERF.md shapes (fp32 and bf16, both layouts) against torch's SyncBN and BN,
 #   5. Nsight Compute sections for a few kernels, where ncu is installed,
 #   6. a quick autotune of the elementwise kernels on S4 bf16 channels_last (bench/autotune.py).
@@ -47,6 +48,9 @@ head -n 8 "$out/host_overhead.log"
 step kernel-times 80 python3 bench/kernel_times.py --out "$work" --steps 5 > "$out/kernel_times.log" 2>&1
 cp "$work/kernel_times.md" "$out/" 2> /dev/null
 tail -n 2 "$out/kernel_times.log"
+# The same reductions without software-pipelined loads (launchers.REDUCTION_STAGES = 1), to compare.
+step kernel-times-unpipelined 40 python3 bench/kernel_times.py --out "$work/unpipelined" --steps 5 \
+    --reduction-stages 1 --shapes S3 S4 S6 S9 S11 > "$work/kernel_times_unpipelined.log" 2>&1
 
 step benchmark 140 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
     --dtype fp32 bf16 --modes forward backward forward+backward --budget-ms 30 --out "$work" \

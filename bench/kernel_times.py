@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu")
     parser.add_argument("--model", type=Path, default=HERE / "results" / "model" / "model.csv")
     parser.add_argument("--no-profile", action="store_true", help="run the steps only (for ncu)")
+    parser.add_argument(
+        "--reduction-stages", type=int, default=None,
+        help="software-pipelining depth of the reductions' loads (launchers.REDUCTION_STAGES; 1: none), to compare",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -84,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from timing import copy_bandwidth_gbps
 
     import triton_syncbn
+    from triton_syncbn import launchers
 
+    if args.reduction_stages is not None:
+        launchers.REDUCTION_STAGES = args.reduction_stages
     device = torch.device("cuda")
     copy_gbps = copy_bandwidth_gbps(device)
     model = model_rows(args.model)
@@ -102,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with rows_path.open("w") as progress:
         progress.write(json.dumps({"meta": {"device": torch.cuda.get_device_name(device), "copy_gbps": copy_gbps,
-                                            "torch": torch.__version__,
-                                            "triton": __import__("triton").__version__}}) + "\n")  # fmt: skip
+                                            "torch": torch.__version__, "triton": __import__("triton").__version__,
+                                            "reduction_stages": launchers.REDUCTION_STAGES}}) + "\n")  # fmt: skip
         for index, (shape, dtype_name, layout) in enumerate(cases, 1):
             try:
                 module = triton_syncbn.SyncBatchNorm(shape.dims[1], device=device)
