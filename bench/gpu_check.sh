@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a short lease (about 7 minutes of commands, each with a hard limit):
+# One prepared GPU check for a short lease (~6 minutes typical, 9 at most: each step has a hard limit):
 #   1. the GPU tests (compiled kernels against the float64 oracle, 4 gloo ranks sharing the GPU,
 #      no host sync, CUDA graphs, torch.compile on CUDA; NCCL when there are 2+ GPUs),
 #   2. the host's cost per call, ours and torch's (bench/host_overhead.py),
@@ -38,7 +38,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a hard limit, report its exit
 }
 per_test=()
 python3 -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 90)
-step tests 130 python3 -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider "${per_test[@]}" \
+step tests 120 python3 -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider "${per_test[@]}" \
     >> "$out/tests.log" 2>&1
 tail -n 4 "$out/tests.log"
 
@@ -52,7 +52,7 @@ tail -n 2 "$out/kernel_times.log"
 step kernel-times-unpipelined 40 python3 bench/kernel_times.py --out "$work/unpipelined" --steps 5 \
     --reduction-stages 1 --shapes S3 S4 S6 S9 S11 > "$work/kernel_times_unpipelined.log" 2>&1
 
-step benchmark 140 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
+step benchmark 120 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
     --dtype fp32 bf16 --modes forward backward forward+backward --budget-ms 30 --out "$work" \
     > "$out/benchmark.log" 2>&1
 # A benchmark stopped at its limit leaves rows.jsonl: report what it measured.
@@ -62,7 +62,7 @@ cp "$work/summary.md" "$out/" 2> /dev/null
 tail -n 8 "$out/benchmark.log"
 
 if command -v ncu > /dev/null; then
-    step ncu 70 ncu --clock-control none --csv --page details --launch-count 40 \
+    step ncu 50 ncu --clock-control none --csv --page details --launch-count 40 \
         --kernel-name "regex:_(partial_stats|normalize|backward_reduce|backward_dx|combine_stats|combine_grad_sums)_kernel" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
         --section WarpStateStats \
@@ -71,7 +71,7 @@ if command -v ncu > /dev/null; then
 else
     echo "ncu not installed" > "$out/ncu.csv"
 fi
-step autotune 90 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
+step autotune 60 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
     --out "$work/tuning.json" > "$work/autotune.log" 2>&1
 tail -n 3 "$work/autotune.log"
 tar -czf "$out/results.tgz" -C "$work" . && rm -rf "$work"
