@@ -108,6 +108,7 @@ def _backward_reduce_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # dy (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the inner loop's loads (1: none)
 ):
@@ -136,14 +137,14 @@ def _backward_reduce_kernel(
         acc_dy_xmu = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
         # NUM_STAGES > 1: the loads software-pipelined (see kernels/stats.py)
         for _ in tl.range(first, tl.minimum(first + FLUSH_STEPS, steps), num_stages=NUM_STAGES):
-            mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
-            dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC)
-            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)
+            mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+            dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC)
+            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
             dy = widen(tl.load(dy_pointers, mask=mask, other=0.0), ACC_DTYPE)
             x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
             r_pointers = r_offsets  # unused without a residual
             if residual_ptr is not None:
-                r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+                r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             dy = _grad_before_activation(
                 dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
                 ACTIVATION, ACC_DTYPE,
@@ -235,6 +236,7 @@ def _backward_dx_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # dy, dx (and residual) strided like x: one set of offsets (fewer registers)
 ):
     if SAME_STRIDES:
@@ -262,28 +264,28 @@ def _backward_dx_kernel(
     n0 = n_lo
     s0 = s_lo
     for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
-        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
-        dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC), mask=mask, other=0.0)
+        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+        dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), mask=mask, other=0.0)
         dy = widen(dy, ACC_DTYPE)
         if BATCH_STATS or ACTIVATION != 0:
-            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC)
+            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
             x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
         r_pointers = r_offsets  # unused without a residual
         if residual_ptr is not None:
-            r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+            r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
         if ACTIVATION != 0:
             dy = _grad_before_activation(
                 dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
                 ACTIVATION, ACC_DTYPE,
             )  # fmt: skip
         if grad_residual_ptr is not None:
-            gr_pointers = step_pointers(grad_residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+            gr_pointers = step_pointers(grad_residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             tl.store(gr_pointers, dy.to(grad_residual_ptr.dtype.element_ty), mask=mask)
         if dx_ptr is not None:
             if BATCH_STATS:
                 xhat = (x - mean[:, None]) * invstd[:, None]
                 dy = dy - mean_dy[:, None] - xhat * mean_dy_xhat[:, None]
             dx = dy * scale[:, None]
-            dx_pointers = step_pointers(dx_ptr, dx_offsets, n0, s0, stride_dxn, stride_dxs, VEC)
+            dx_pointers = step_pointers(dx_ptr, dx_offsets, n0, s0, stride_dxn, stride_dxs, VEC, CVEC)
             tl.store(dx_pointers, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)

@@ -69,28 +69,38 @@ def lane_offsets(channels, lane_n, lane_s, stride_n, stride_c, stride_s, INT64: 
 
 
 @triton.jit
-def step_pointers(ptr, offsets, n0, s0, stride_n, stride_s, VEC: tl.constexpr):
+def step_pointers(ptr, offsets, n0, s0, stride_n, stride_s, VEC: tl.constexpr, CVEC: tl.constexpr):
     """Pointers of one step's tile: a scalar step offset (64-bit: it spans the tensor) plus the
     loop-invariant lane offsets. With ``VEC > 1`` (the launcher checked that runs of VEC
-    positions are contiguous and 16-byte aligned) the hint makes loads and stores 128-bit."""
+    positions are contiguous and 16-byte aligned) the hint makes loads and stores 128-bit; with
+    ``CVEC > 1`` the same for runs of CVEC channels (channels_last: unit channel stride, C, the
+    row stride and the channel block all multiples of CVEC). Triton 3.6 vectorizes neither axis
+    without the hint (Triton 3.9 infers the channel one)."""
     step = n0.to(tl.int64) * stride_n + s0.to(tl.int64) * stride_s
     if VEC > 1:  # hints in elements (the pointer argument itself is 16-byte aligned)
         step = tl.multiple_of(step, VEC)
         offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, VEC]), [1, VEC])
+    if CVEC > 1:
+        step = tl.multiple_of(step, CVEC)
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, [CVEC, 1]), [CVEC, 1])
     # A uniform (scalar) base per step, then 32-bit lane offsets: one address add per access.
     return (ptr + step) + offsets
 
 
 @triton.jit
-def step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr):
+def step_mask(
+    channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr, CVEC: tl.constexpr
+):
     """``[BLOCK_C, BLOCK_M]`` mask of the valid elements of one step, constant over each aligned
-    run of ``VEC`` positions (so it does not split 128-bit accesses)."""
+    run of ``VEC`` positions and of ``CVEC`` channels (so it does not split 128-bit accesses)."""
     rows = lane_n < (n_hi - n0)  # scalar bounds: one compare per element
     if BLOCK_S > 1:
         rows = rows & (lane_s_run < (s_hi - s0))
     mask = channel_mask[:, None] & rows[None, :]
     if VEC > 1:
         mask = tl.max_constancy(mask, [1, VEC])
+    if CVEC > 1:
+        mask = tl.max_constancy(mask, [CVEC, 1])
     return mask
 
 

@@ -135,6 +135,7 @@ def _normalize_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # y (and residual) strided like x: one set of offsets (fewer registers)
 ):
     if SAME_STRIDES:
@@ -175,14 +176,14 @@ def _normalize_kernel(
     n0 = n_lo
     s0 = s_lo
     for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
-        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
-        x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=0.0)
+        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+        x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=0.0)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
         y = (widen(x, ACC_DTYPE) - mean[:, None]) * scale[:, None] + shift[:, None]
         if residual_ptr is not None:
-            r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC)
+            r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
         y = apply_activation(y, negative_slope, ACTIVATION)
-        y_pointers = step_pointers(y_ptr, y_offsets, n0, s0, stride_yn, stride_ys, VEC)
+        y_pointers = step_pointers(y_ptr, y_offsets, n0, s0, stride_yn, stride_ys, VEC, CVEC)
         tl.store(y_pointers, y.to(y_ptr.dtype.element_ty), mask=mask)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)

@@ -76,6 +76,7 @@ def _partial_stats_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per step
     INT64: tl.constexpr,  # 64-bit lane offsets (tensors of 2**31 elements or more)
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
+    CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -94,9 +95,9 @@ def _partial_stats_kernel(
     # NUM_STAGES > 1: Triton software-pipelines the loads (cp.async into shared memory, NUM_STAGES - 1
     # steps ahead), so a warp keeps several steps' bytes in flight instead of one.
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
+        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
         # Masked lanes read the pilot itself, so they add exactly zero (no select per element).
-        x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC), mask=mask, other=pilot_x)
+        x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=pilot_x)
         shifted = widen(x, ACC_DTYPE) - pilot[:, None]
         acc_sum += shifted
         acc_sumsq += shifted * shifted

@@ -12,6 +12,7 @@ import torch
 
 from kernel_tasks import NEGATIVE_SLOPE, KernelCase, make_inputs, parameter_dtype, run_kernel_case
 from oracle import assert_close, fused_epilogue
+from triton_syncbn.contract import Epilogue
 
 pytestmark = pytest.mark.interpreter
 
@@ -30,6 +31,8 @@ CASES = [
     KernelCase((6, 4, 10), mode="cumulative", weight=False, bias=False),
     KernelCase((6, 4, 10), torch.float16, tiles=(4, 16, 2), bias=False),
     KernelCase((0, 4, 3, 3)),  # an empty local batch: zero counts, running statistics unchanged
+    # channels_last with C a multiple of 8: 128-bit channel runs (CVEC = 8 for bf16)
+    KernelCase((3, 16, 2, 3), torch.bfloat16, "channels_last", activation="relu", residual="same"),
     # 300 splits per channel: the merges take them in one step of 512 lanes, 4 channels per program
     KernelCase((300, 5, 1, 16), torch.float32, "channels_last", tiles=(8, 16, 300)),
     # fused epilogues: act(bn(x) [+ residual]), backward through the recomputed pre-activation
@@ -194,3 +197,33 @@ def test_float_arguments_reach_the_kernels_as_exact_float32_halves() -> None:
     pairs = {float(np.float64(high) + np.float64(low)) for high, low in zip(highs, lows, strict=True)}
     for value in (0.1, 1e-5, 0.01):
         assert any(abs(pair - value) <= 1e-15 * value for pair in pairs), (value, floats)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "memory_format", "expected"),
+    [
+        ((4, 256, 7, 7), torch.bfloat16, torch.channels_last, 8),
+        ((4, 256, 7, 7), torch.float32, torch.channels_last, 4),
+        ((2, 64, 3, 4, 5), torch.float16, torch.channels_last_3d, 8),
+        ((4, 250, 7, 7), torch.bfloat16, torch.channels_last, 1),  # C not a multiple of the run
+        ((4, 256, 7, 7), torch.bfloat16, torch.contiguous_format, 1),  # channels are not the unit stride
+        ((64, 1024), torch.bfloat16, torch.contiguous_format, 8),  # 2-D: channels contiguous
+    ],
+    ids=["cl-bf16", "cl-f32", "cl3d-f16", "cl-c250", "contiguous", "2d"],
+)
+def test_channel_runs_are_vectorized_only_where_aligned(shape, dtype, memory_format, expected) -> None:
+    """CVEC, the channels per 16-byte access the launchers promise the compiler (Triton 3.6 emits
+    scalar channels_last accesses without it): set exactly where every run of channels is
+    contiguous, inside one row and one program, and 16-byte aligned."""
+    from triton_syncbn import launchers
+    from triton_syncbn.layout import channel_view
+
+    launches = []
+    dispatch = launchers.Dispatch(660, lambda kernel, grid, args, kwargs: launches.append((kernel, kwargs)))
+    x = torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
+    stats = launchers.partial_stats(channel_view(x), dispatch=dispatch)
+    out = torch.empty_like(x)
+    launchers.normalize(channel_view(x), channel_view(out), None, None, stats, None, 1e-5, Epilogue(),
+                        dispatch=dispatch)  # fmt: skip
+    streaming = [kwargs["CVEC"] for kernel, kwargs in launches if "CVEC" in kwargs]
+    assert streaming and all(cvec == expected for cvec in streaming), streaming

@@ -333,10 +333,29 @@ def _same_strides(geometries: tuple[Geometry, ...]) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _access(tiling: Tiling, geometries: tuple[Geometry, ...]) -> tuple[bool, int, bool]:
-    """(INT64, VEC, SAME_STRIDES) of a launch over views of these geometries, computed once per
-    geometry (the launchers ask on every call)."""
-    return _needs_int64(tiling, geometries), _spatial_vector(tiling, geometries), _same_strides(geometries)
+def _access(tiling: Tiling, geometries: tuple[Geometry, ...]) -> tuple[bool, int, int, bool]:
+    """(INT64, VEC, CVEC, SAME_STRIDES) of a launch over views of these geometries, computed once
+    per geometry (the launchers ask on every call)."""
+    return (
+        _needs_int64(tiling, geometries),
+        _spatial_vector(tiling, geometries),
+        _channel_vector(tiling, geometries),
+        _same_strides(geometries),
+    )
+
+
+def _channel_vector(tiling: Tiling, geometries: tuple[Geometry, ...]) -> int:
+    """Channels per 16-byte access in the channels_last layouts (unit channel stride), when every
+    view allows it, else 1: C, the sample stride, the position stride (where S > 1) and
+    ``block_c`` must be multiples of the run, so that every aligned run of channels lies in one
+    row and one program."""
+    vector = 16 // max(itemsize for _, _, itemsize in geometries)
+    if tiling.block_c % vector:
+        return 1
+    for (_, channels, spatial), (stride_n, stride_c, stride_s), _ in geometries:
+        if stride_c != 1 or channels % vector or stride_n % vector or (spatial > 1 and stride_s % vector):
+            return 1
+    return vector
 
 
 def _strides(view: torch.Tensor | None) -> tuple[int, int, int]:
@@ -428,11 +447,11 @@ def partial_stats(
     partials = packed
     if splits > 1:
         partials = torch.empty(3, splits, channels, dtype=torch.float64, device=x.device)
-    int64, vec, _ = _access(tiling, _geometries(x))
+    int64, vec, cvec, _ = _access(tiling, _geometries(x))
     dispatch.launch(
         _partial_stats_kernel, tiling.grid(channels),
         (x, partials, channels, *_geometry(x, tiling), splits, *x.stride()),
-        dict(ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64, VEC=vec,
+        dict(ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64, VEC=vec, CVEC=cvec,
              NUM_STAGES=REDUCTION_STAGES, **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
@@ -488,7 +507,7 @@ def normalize(
     acc_dtype = accumulation_dtype(x.dtype)
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
     invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
-    int64, vec, same_strides = _access(tiling, geometries)
+    int64, vec, cvec, same_strides = _access(tiling, geometries)
     dispatch.launch(
         _normalize_kernel, tiling.grid(channels),
         (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
@@ -496,7 +515,8 @@ def normalize(
          *float_halves(momentum or 0.0), *float_halves(eps), *float_halves(negative_slope),
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
-             ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
+             ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides,
+             **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -538,14 +558,15 @@ def backward_reduce(
     partials = sums
     if splits > 1:
         partials = torch.empty(2, splits, channels, dtype=torch.float64, device=x.device)
-    int64, vec, same_strides = _access(tiling, _geometries(x, grad_out, residual))
+    int64, vec, cvec, same_strides = _access(tiling, _geometries(x, grad_out, residual))
     dispatch.launch(
         _backward_reduce_kernel, tiling.grid(channels),
         (grad_out, x, residual, mean, invstd, weight if activation else None, bias if activation else None,
          partials, grad_weight, grad_bias, channels, *_geometry(x, tiling), splits, *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
-             INT64=int64, VEC=vec, SAME_STRIDES=same_strides, NUM_STAGES=REDUCTION_STAGES, **_blocks(tiling)),
+             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=REDUCTION_STAGES,
+             **_blocks(tiling)),
     )  # fmt: skip
     if splits > 1:
         dispatch.launch(
@@ -598,12 +619,12 @@ def backward_dx(
                                        INPUT_GRAD=out is not None, SAME_STRIDES=_same_strides(geometries)),
         dispatch,
     )  # fmt: skip
-    int64, vec, same_strides = _access(tiling, geometries)
+    int64, vec, cvec, same_strides = _access(tiling, geometries)
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
         (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
          channels, *_geometry(x, tiling), *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-             INT64=int64, VEC=vec, SAME_STRIDES=same_strides, **_blocks(tiling)),
+             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, **_blocks(tiling)),
     )  # fmt: skip
