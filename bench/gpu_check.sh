@@ -13,6 +13,8 @@
 # summary.md, kernel_times.md and results.tgz holding the rest (8 files: a lease returns at most 8).
 # Rebuild the benchmark report from a stopped run with `python bench/benchmark.py --from-rows DIR`.
 # Uses the machine's own torch/triton/pytest; installs this project without dependencies.
+# For the model's columns in kernel_times.md, carry bench/results/model/model.csv to the machine
+# (`python bench/perf_model.py` writes it here; it is git-ignored): the device tool's `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench/results/gpu}}"
