@@ -259,3 +259,16 @@ def test_public_names() -> None:
         "revert_sync_batchnorm",
         "sync_batch_norm",
     }
+
+
+def test_backward_materializes_no_zero_gradients_for_the_statistics_outputs() -> None:
+    """Only the output's gradient reaches backward: autograd fills no zero tensors for the
+    non-differentiable mean/invstd/count outputs (three fill kernels per backward on CUDA)."""
+    module = SyncBatchNorm(6)
+    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+    y = module(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        y.backward(torch.randn_like(y))
+    names = [event.name for event in profile.events()]
+    assert "aten::zeros" not in names, [name for name in names if "zero" in name]
+    assert x.grad is not None and module.weight.grad is not None

@@ -42,8 +42,11 @@ def _save(ctx: Any, call: ForwardCall, output: tuple[torch.Tensor, ...]) -> None
     ctx.eps = call.eps
 
 
-def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """One gradient per ``contract.FORWARD_FIELDS`` entry (None for the non-differentiable ones)."""
+def _backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """One gradient per ``contract.FORWARD_FIELDS`` entry (None for the non-differentiable ones).
+    ``grad_output`` None (gradients not materialized, and none reached the output): all None."""
+    if grad_output is None:
+        return (None,) * len(FORWARD_FIELDS)
     call = _backward_call(ctx, grad_output)
     if torch.compiler.is_compiling():  # (torch.compile itself refuses double backward)
         grads = ops.backward_op(*call.flat())
@@ -106,6 +109,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         call = ForwardCall.from_flat(*flat)
         output = stages.forward(call)
         _save(ctx, call, output)
+        # Backward uses only the output's gradient: no zero-filled gradients for mean, invstd and
+        # count (three fill kernels and their launches per backward on CUDA).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
