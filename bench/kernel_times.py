@@ -3,9 +3,11 @@
     python bench/kernel_times.py [--shapes S1 S4] [--dtype fp32 bf16] [--layouts contiguous channels_last]
                                  [--steps 10] [--out bench/results/gpu] [--no-profile]
 
-The benchmark (``bench/benchmark.py``) times whole directions; this says which kernel the time
-goes to. For every PERF.md shape, dtype and layout it runs ``--steps`` training steps (forward and
-backward of ``triton_syncbn.SyncBatchNorm``, world size 1) under ``torch.profiler`` with the L2
+The benchmark (``bench/benchmark.py``) times whole directions, host included; this says which
+kernel the device time goes to, and sets our device time per step next to torch's BatchNorm's
+(same input, same profile). For every PERF.md shape, dtype and layout it runs ``--steps`` training
+steps (forward and backward of ``triton_syncbn.SyncBatchNorm``, world size 1, then of torch's
+``F.batch_norm``) under ``torch.profiler`` with the L2
 flushed before each step (a 256 MB write, left out of the results), and reports per kernel name
 the launches per step and the mean device time per launch. Where ``bench/results/model/model.csv``
 (``python bench/perf_model.py``) has the kernel, it adds the model's traffic for it, the measured
@@ -60,6 +62,26 @@ def model_rows(path: Path) -> dict[tuple[str, str, str, str], dict]:
         return {(r["shape"], r["layout"], r["dtype"], r["kernel"]): r for r in csv.DictReader(handle)}
 
 
+class TorchBatchNorm(torch.nn.Module):
+    """torch's own training-mode BatchNorm (cuDNN or native kernels), any input rank: the device
+    time to compare with."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(channels, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(channels, device=device))
+        self.register_buffer("running_mean", torch.zeros(channels, device=device))
+        self.register_buffer("running_var", torch.ones(channels, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True)
+
+
+def step_us(kernels: dict) -> float:
+    """Device time of one training step: every kernel's launches per step x mean time."""
+    return sum(per_step * mean_us for per_step, mean_us in kernels.values())
+
+
 def training_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, flush: torch.Tensor) -> None:
     flush.bitwise_not_()
     x.grad = None  # no gradient accumulation kernel: the step's own kernels only
@@ -107,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"{torch.cuda.get_device_name(device)}, copy {copy_gbps:.0f} GB/s, {len(cases)} cases", flush=True)
     rows: list[dict] = []
+    step_rows: list[dict] = []
     with rows_path.open("w") as progress:
         progress.write(json.dumps({"meta": {"device": torch.cuda.get_device_name(device), "copy_gbps": copy_gbps,
                                             "torch": torch.__version__, "triton": __import__("triton").__version__,
@@ -127,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{index}/{len(cases)}] {shape.id} {dtype_name} {layout}: ran", flush=True)
                     continue
                 kernels = profile_case(module, x, grad, flush, args.steps)
+                reference = TorchBatchNorm(shape.dims[1], device)
+                for _ in range(2):
+                    training_step(reference, x, grad, flush)
+                reference_kernels = profile_case(reference, x, grad, flush, args.steps)
             except Exception as error:  # noqa: BLE001 - one failing case must not lose the others
                 print(f"[{index}/{len(cases)}] {shape.id} {dtype_name} {layout}: FAILED {error!r}", flush=True)
                 continue
@@ -150,15 +177,30 @@ def main(argv: list[str] | None = None) -> int:
                     predicted
                 ) else ""  # fmt: skip
                 parts.append(f"{name[:40]} x{per_step:g} {mean_us:.1f} us{fraction}")
+            steps = {"shape": shape.id, "dtype": dtype_name, "layout": layout,
+                     "ours_step_us": round(step_us(kernels), 2),
+                     "torch_bn_step_us": round(step_us(reference_kernels), 2)}  # fmt: skip
+            step_rows.append(steps)
+            progress.write(json.dumps({"step": steps}) + "\n")
             progress.flush()
-            print(f"[{index}/{len(cases)}] {shape.id} {dtype_name} {layout}: " + "; ".join(parts), flush=True)
-    write_markdown(rows, args.out / "kernel_times.md", copy_gbps)
+            print(f"[{index}/{len(cases)}] {shape.id} {dtype_name} {layout}: step {steps['ours_step_us']:.1f} us, "
+                  f"torch_bn {steps['torch_bn_step_us']:.1f} us; " + "; ".join(parts), flush=True)  # fmt: skip
+    write_markdown(rows, step_rows, args.out / "kernel_times.md", copy_gbps)
     return 0
 
 
-def write_markdown(rows: list[dict], path: Path, copy_gbps: float) -> None:
+def write_markdown(rows: list[dict], step_rows: list[dict], path: Path, copy_gbps: float) -> None:
     lines = [
-        f"# Per-kernel device time of one training step (copy {copy_gbps:.0f} GB/s)",
+        f"# Device time of one training step, and per kernel (copy {copy_gbps:.0f} GB/s)",
+        "",
+        "| shape | dtype | layout | ours us | torch_bn us | ours / torch_bn |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in step_rows:
+        ratio = row["ours_step_us"] / row["torch_bn_step_us"] if row["torch_bn_step_us"] else float("nan")
+        lines.append(f"| {row['shape']} | {row['dtype']} | {row['layout']} | {row['ours_step_us']} | "
+                     f"{row['torch_bn_step_us']} | {ratio:.2f} |")  # fmt: skip
+    lines += [
         "",
         "| shape | dtype | layout | kernel | per step | mean us | model MB | measured/copy | model/copy |",
         "|---|---|---|---|---|---|---|---|---|",
