@@ -51,7 +51,7 @@ step kernel-times 110 python3 bench/kernel_times.py --out "$work" --steps 5 > "$
 cp "$work/kernel_times.md" "$out/" 2> /dev/null
 tail -n 2 "$out/kernel_times.log"
 # The same reductions without software-pipelined loads (launchers.REDUCTION_STAGES = 1), to compare.
-step kernel-times-unpipelined 40 python3 bench/kernel_times.py --out "$work/unpipelined" --steps 5 \
+step kernel-times-unpipelined 50 python3 bench/kernel_times.py --out "$work/unpipelined" --steps 5 \
     --reduction-stages 1 --shapes S3 S4 S6 S9 S11 > "$work/kernel_times_unpipelined.log" 2>&1
 
 step benchmark 100 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
@@ -73,7 +73,7 @@ if command -v ncu > /dev/null; then
 else
     echo "ncu not installed" > "$out/ncu.csv"
 fi
-step autotune 60 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
+step autotune 50 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
     --out "$work/tuning.json" > "$work/autotune.log" 2>&1
 tail -n 3 "$work/autotune.log"
 tar -czf "$out/results.tgz" -C "$work" . && rm -rf "$work"
