@@ -156,6 +156,20 @@ def test_no_full_size_temporaries(dtype: torch.dtype, channels_last: bool) -> No
     assert backward_allocations == [size], backward_allocations
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_fused_activation_backward_makes_no_full_size_temporaries(dtype: torch.dtype) -> None:
+    """relu(bn(x) + residual): backward allocates the input's and the residual's gradients and
+    nothing else full-size; bf16 works through float32 slices of an eighth of the tensor."""
+    x = torch.randn(8, 16, 24, 24, dtype=dtype, requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True)
+    module = SyncBatchNorm(16, activation="relu")
+    size = x.numel() * x.element_size()
+    output = module(x, residual)
+    dy = torch.randn_like(output)
+    allocations = large_allocations(lambda: output.backward(dy), size // 2)
+    assert allocations == [size, size], allocations
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
 def test_low_precision_input_gradient_within_twice_torch(dtype: torch.dtype, channels_last: bool) -> None:

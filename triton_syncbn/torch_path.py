@@ -20,6 +20,8 @@ backward of a fused activation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -48,7 +50,7 @@ def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 # Elements of the float32 temporaries that low-precision backward works through at a time.
-_SLICE_ELEMENTS = 1 << 16
+_SLICE_ELEMENTS = 1 << 20
 
 
 def _slices(view: torch.Tensor) -> list[tuple[slice, slice, slice]]:
@@ -225,7 +227,12 @@ def normalize(
     return mean, invstd
 
 
-def _grad_before_activation(
+def _fused_activation(epilogue: Epilogue) -> bool:
+    """A fused activation: its backward recomputes z and works a slice at a time."""
+    return epilogue.activation != ACTIVATION_CODES["identity"]
+
+
+def _activation_grad_slices(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -233,35 +240,52 @@ def _grad_before_activation(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     epilogue: Epilogue,
-    buffer: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``grad_out * act'(z)`` ``[N, C, S]``, z recomputed from x into ``buffer``.
-
-    In the input dtype, except for bf16/fp16 input with an activation: float32 then.
-
-    Identity: ``grad_out`` itself, no pass. ``buffer`` (x's shape) is used when given and laid
-    out like x, else a new tensor is.
-    """
+) -> Iterator[tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]]:
+    """``(rows, dy * act'(z), x)`` of ``[N, C, S]`` views a slice at a time, in the accumulation
+    dtype: z is recomputed as the forward computed it, into a buffer of one slice reused for
+    every slice (``_SliceBuffers``), and so are float32 copies of bf16/fp16 x and dy. The
+    consumer may overwrite ``dy * act'(z)``, and x only when the input is bf16/fp16 (a copy then;
+    else a view of the input itself)."""
     residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
-    if activation == ACTIVATION_CODES["identity"]:
-        return grad_out
-    acc_dtype = accumulation_dtype(x.dtype)
-    if acc_dtype != x.dtype:
-        # bf16/fp16: act'(z) and its product with dy in float32, as the kernels do (a bf16 z or
-        # product costs silu's gradient sums ~1e-3), at the price of float32 temporaries.
-        z = torch.empty_like(x, dtype=acc_dtype)
-        z.copy_(x)
-        scale = invstd if weight is None else invstd * _as(weight, acc_dtype)
-        _affine_into(z, z, mean, scale, _as(bias, acc_dtype))
+    acc_dtype = mean.dtype
+    converts = acc_dtype != x.dtype
+    scale = invstd if weight is None else invstd * _as(weight, acc_dtype)
+    shift = _as(bias, acc_dtype)
+    slices = _slices(x)
+    buffers = _SliceBuffers(x, slices, acc_dtype, count=3 if converts else 1)
+    for rows in slices:
+        z, *copies = buffers.views(x[rows])
+        source = copies[0].copy_(x[rows]) if converts else x[rows]
+        grad = copies[1].copy_(grad_out[rows]) if converts else grad_out[rows]
+        _affine_into(z, source, mean, scale, shift)
         if residual is not None:
-            z.add_(residual)
-        _activation_backward_(z, grad_out.to(acc_dtype), activation, negative_slope)
-        return z
-    if buffer is None or buffer.stride() != x.stride():
-        buffer = torch.empty_like(x)
-    _pre_activation_into(buffer, x, mean, invstd, weight, bias, residual)
-    _activation_backward_(buffer, grad_out, activation, negative_slope)
-    return buffer
+            z.add_(residual[rows])
+        _activation_backward_(z, grad, activation, negative_slope)
+        yield rows, z, source
+
+
+class _SliceBuffers:
+    """``count`` float32 buffers of the largest of ``slices`` of ``x``, viewed per slice.
+
+    Fresh multi-hundred-KB buffers for every slice page-faulted on every call (the allocator
+    returns them to the OS): bf16 -> float32 copies ran at ~1.4 ns an element instead of ~0.2,
+    and the fused bf16 backward at 3-4x torch's BatchNorm + add + ReLU."""
+
+    def __init__(self, x: torch.Tensor, slices: list[tuple[slice, slice, slice]], dtype: torch.dtype, count: int):
+        largest = max(x[rows].numel() for rows in slices)
+        self.flat = [torch.empty(largest, dtype=dtype, device=x.device) for _ in range(count)]
+
+    def views(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the buffers with ``like``'s shape, dense in ``like``'s dimension order (a
+        channels_last slice gets channels_last buffers: ATen's batch-norm kernels want their
+        input's and output's layouts to match)."""
+        order = sorted(range(like.dim()), key=lambda dim: (-like.stride(dim), dim))
+        strides = [0] * like.dim()
+        step = 1
+        for dim in reversed(order):
+            strides[dim] = step
+            step *= like.shape[dim]
+        return [flat[: like.numel()].as_strided(like.shape, strides) for flat in self.flat]
 
 
 def backward_reduce(
@@ -284,11 +308,18 @@ def backward_reduce(
     acc_dtype = mean.dtype
     if x.shape[0] * x.shape[2] == 0:
         sums = torch.zeros(2, channels, dtype=acc_dtype, device=x.device)
+    elif _fused_activation(epilogue):
+        totals = torch.zeros(2, channels, dtype=torch.float64, device=x.device)
+        for _, dy, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
+            _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
+                _four_d(dy), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+            )
+            totals[0] += sum_dy
+            totals[1] += sum_dy_xhat
+        sums = totals.to(acc_dtype)
     else:
-        dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue)
-        source = x if dy.dtype == x.dtype else x.to(dy.dtype)  # a float32 dy of a fused bf16/fp16 activation
         _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
-            _four_d(dy), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+            _four_d(grad_out), _four_d(x), None, None, None, mean, invstd, True, 0.0, [False, True, True]
         )
         # ``sums`` is a new tensor (the caller all-reduces it in place); the gradients are ATen's.
         sums = torch.stack((sum_dy, sum_dy_xhat))
@@ -322,19 +353,17 @@ def backward_dx(
     if x.shape[0] * x.shape[2] == 0:
         return
     mean, invstd, count = saved.mean, saved.invstd, saved.count
-    # A fused activation's dy * act'(z) goes into the residual's gradient, which it is, when that
-    # is wanted; else into a new buffer (``out`` is overwritten below while dy is still read).
-    dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue, buffer=grad_residual)
-    if grad_residual is not None and dy is not grad_residual:  # a float32 dy, or another layout
+    if _fused_activation(epilogue):
+        _fused_activation_dx(grad_out, x, out, weight, bias, saved, sums, epilogue, grad_residual)
+        return
+    dy = grad_out  # no activation: the gradient at the normalized output, and the residual's
+    if grad_residual is not None:
         grad_residual.copy_(dy)
     if out is None:
         return
     scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
     if sums is None:
-        if dy.dtype == x.dtype:
-            _affine_into(out, dy, torch.zeros_like(scale), scale, None)
-        else:
-            torch.mul(dy, scale.view(1, -1, 1), out=out)
+        _affine_into(out, dy, torch.zeros_like(scale), scale, None)
         return
     # -[mean(dy), mean(dy * xhat)] over the global batch (every channel has the same count; a
     # Python number on the CPU path)
@@ -348,8 +377,48 @@ def backward_dx(
     # rounded once, as torch's BatchNorm backward does (summing in bf16 cost several ulps of dx);
     # a slice at a time, so the float32 temporaries stay a fraction of the tensor.
     shift = scale * negative_means[0]
-    for rows in _slices(x):
-        total = x[rows].to(scale.dtype)  # ATen's transform keeps its input's dtype: float32, in place
+    slices = _slices(x)
+    buffers = _SliceBuffers(x, slices, scale.dtype, count=2 if dy.dtype != scale.dtype else 1)
+    for rows in slices:
+        total, *dy_buffer = buffers.views(x[rows])
+        total.copy_(x[rows])  # ATen's transform keeps its input's dtype: float32, in place
         _affine_into(total, total, mean, x_factor, shift)
-        total.addcmul_(_as(dy[rows], scale.dtype), scale.view(1, -1, 1))
+        dy_rows = dy[rows] if not dy_buffer else dy_buffer[0].copy_(dy[rows])
+        total.addcmul_(dy_rows, scale.view(1, -1, 1))
         out[rows].copy_(total)
+
+
+def _fused_activation_dx(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
+    sums: torch.Tensor | None,
+    epilogue: Epilogue,
+    grad_residual: torch.Tensor | None,
+) -> None:
+    """``backward_dx`` for a fused activation, a slice at a time: ``dy * act'(z)`` (the residual's
+    gradient) and the input gradient from it, summed in the accumulation dtype (float32 for
+    bf16/fp16: rounded once into their outputs). No temporary is the tensor's size."""
+    mean, invstd, count = saved.mean, saved.invstd, saved.count
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    if sums is not None:
+        negative_means = sums * (-1.0 / max(float(count[0]), 1.0))
+        x_factor = (scale * invstd).mul_(negative_means[1])
+        shift = scale * negative_means[0]
+    for rows, dy, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
+        if grad_residual is not None:
+            grad_residual[rows].copy_(dy)
+        if out is None:
+            continue
+        # the input gradient's slice, or (bf16/fp16) the float32 copy of x, free to overwrite
+        target = out[rows] if out.dtype == scale.dtype else source
+        if sums is None:
+            torch.mul(dy, scale.view(1, -1, 1), out=target)
+        else:
+            _affine_into(target, source, mean, x_factor, shift)  # the x term
+            target.addcmul_(dy, scale.view(1, -1, 1))  # + s * dy
+        if target is source:
+            out[rows].copy_(target)
