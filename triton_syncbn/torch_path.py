@@ -10,12 +10,13 @@ synchronized result is exact: ``batch_norm_update_stats`` for the local moments,
 into the caller's buffer) for every per-channel affine map, and ``native_batch_norm_backward``
 (weight/bias gradients only) for the per-channel gradient sums. These kernels take a low-precision
 input with float32 per-channel tensors and compute in float32 (``native_batch_norm``'s "mixed
-type" mode), so no full-size casted copy is made (the one exception: the backward of a fused
-activation on bf16/fp16 input recomputes z and act'(z) in float32). They accept ``[N, C, S, 1]`` views of the
-``[N, C, S]`` channel views in both layouts: a channels_last ``[N, C, S]`` view (strides
-``(C * S, 1, C)``) is a channels_last ``[N, C, S, 1]`` tensor. Full-size memory per direction:
-the output (forward) and the input gradient (backward), plus one recomputed buffer in the
-backward of a fused activation.
+type" mode), so no full-size casted copy is made; where float32 is needed (the backward of a
+fused activation recomputes z and act'(z); bf16/fp16 input gradients are summed in float32) it
+is made a slice at a time, in buffers of at most an eighth of the tensor reused across slices.
+They accept ``[N, C, S, 1]`` views of the ``[N, C, S]`` channel views in both layouts: a
+channels_last ``[N, C, S]`` view (strides ``(C * S, 1, C)``) is a channels_last ``[N, C, S, 1]``
+tensor (2-D input is passed as ``[N, C]``). Full-size memory per direction: the output
+(forward), the input gradient and, with a fused activation and residual, its gradient (backward).
 """
 
 from __future__ import annotations
