@@ -40,7 +40,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a hard limit, report its exit
 }
 per_test=()
 python3 -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 90)
-step tests 120 python3 -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider "${per_test[@]}" \
+step tests 150 python3 -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider "${per_test[@]}" \
     >> "$out/tests.log" 2>&1
 tail -n 4 "$out/tests.log"
 
@@ -54,7 +54,7 @@ tail -n 2 "$out/kernel_times.log"
 step kernel-times-unpipelined 50 python3 bench/kernel_times.py --out "$work/unpipelined" --steps 5 \
     --reduction-stages 1 --shapes S3 S4 S6 S9 S11 > "$work/kernel_times_unpipelined.log" 2>&1
 
-step benchmark 100 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
+step benchmark 90 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
     --dtype fp32 bf16 --modes forward backward forward+backward --budget-ms 30 --out "$work" \
     > "$out/benchmark.log" 2>&1
 # A benchmark stopped at its limit leaves rows.jsonl: report what it measured.
@@ -73,7 +73,7 @@ if command -v ncu > /dev/null; then
 else
     echo "ncu not installed" > "$out/ncu.csv"
 fi
-step autotune 50 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
+step autotune 40 python3 bench/autotune.py --shapes S4 --dtype bf16 --layouts channels_last --quick \
     --out "$work/tuning.json" > "$work/autotune.log" 2>&1
 tail -n 3 "$work/autotune.log"
 tar -czf "$out/results.tgz" -C "$work" . && rm -rf "$work"
