@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a short lease (~6 minutes typical, 9 at most: each step has a hard limit):
+# One prepared GPU check for a short lease (~6 minutes typical, under 10 at most: each step has a hard limit):
 #   1. the GPU tests (compiled kernels against the float64 oracle, 4 gloo ranks sharing the GPU,
 #      no host sync, CUDA graphs, torch.compile on CUDA; NCCL when there are 2+ GPUs),
 #   2. the host's cost per call, ours and torch's (bench/host_overhead.py),
