@@ -135,8 +135,9 @@ def large_allocations(function, threshold: int) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
 def test_no_full_size_temporaries(dtype: torch.dtype, channels_last: bool) -> None:
-    """Forward allocates the output and nothing else full-size; backward the input gradient."""
-    x = torch.randn(8, 16, 24, 24, dtype=dtype)
+    """Forward allocates the output and nothing else full-size; backward the input gradient (a
+    1-2 MB tensor: below 256 KB of float32 temporaries a layer is not sliced)."""
+    x = torch.randn(8, 16, 64, 64, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -160,7 +161,7 @@ def test_no_full_size_temporaries(dtype: torch.dtype, channels_last: bool) -> No
 def test_fused_activation_backward_makes_no_full_size_temporaries(dtype: torch.dtype) -> None:
     """relu(bn(x) + residual): backward allocates the input's and the residual's gradients and
     nothing else full-size; bf16 works through float32 slices of an eighth of the tensor."""
-    x = torch.randn(8, 16, 24, 24, dtype=dtype, requires_grad=True)
+    x = torch.randn(8, 16, 64, 64, dtype=dtype, requires_grad=True)
     residual = torch.randn_like(x, requires_grad=True)
     module = SyncBatchNorm(16, activation="relu")
     size = x.numel() * x.element_size()

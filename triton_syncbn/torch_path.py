@@ -50,17 +50,21 @@ def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
-# Elements of the float32 temporaries that low-precision backward works through at a time.
+# Elements of the float32 temporaries that low-precision backward works through at a time: an
+# eighth of the tensor, capped at _SLICE_ELEMENTS, but never below _MIN_SLICE_ELEMENTS (256 KB of
+# float32), under which the ~10 ATen calls per slice cost more than the memory they save (a small
+# fused layer in 8 slices took twice as long as in one).
 _SLICE_ELEMENTS = 1 << 20
+_MIN_SLICE_ELEMENTS = 1 << 16
 
 
 def _slices(view: torch.Tensor) -> list[tuple[slice, slice, slice]]:
     """Index tuples cutting ``view`` ``[N, C, S]`` into pieces of at most ``_SLICE_ELEMENTS``
-    elements and an eighth of the tensor (but at least one element per channel), along N, and
-    along S where one sample is larger."""
+    elements and an eighth of the tensor, but at least ``_MIN_SLICE_ELEMENTS`` (a small tensor is
+    one piece) and one element per channel, along N, and along S where one sample is larger."""
     batch, channels, spatial = view.shape
     per_sample = channels * spatial
-    limit = max(min(_SLICE_ELEMENTS, view.numel() // 8), channels)
+    limit = max(min(_SLICE_ELEMENTS, view.numel() // 8), _MIN_SLICE_ELEMENTS, channels)
     if per_sample <= limit:
         step = max(limit // max(per_sample, 1), 1)
         return [(slice(n, n + step), slice(None), slice(None)) for n in range(0, batch, step)]
