@@ -11,12 +11,14 @@ into the caller's buffer) for every per-channel affine map, and ``native_batch_n
 (weight/bias gradients only) for the per-channel gradient sums. These kernels take a low-precision
 input with float32 per-channel tensors and compute in float32 (``native_batch_norm``'s "mixed
 type" mode), so no full-size casted copy is made; where float32 is needed (the backward of a
-fused activation recomputes z and act'(z); bf16/fp16 input gradients are summed in float32) it
-is made a slice at a time, in buffers of at most an eighth of the tensor reused across slices.
+fused activation on bf16/fp16 recomputes z and act'(z) in float32; bf16/fp16 input gradients are
+summed in float32) it is made a slice at a time, in buffers of at most an eighth of the tensor
+(or 64K elements) reused across slices.
 They accept ``[N, C, S, 1]`` views of the ``[N, C, S]`` channel views in both layouts: a
 channels_last ``[N, C, S]`` view (strides ``(C * S, 1, C)``) is a channels_last ``[N, C, S, 1]``
 tensor (2-D input is passed as ``[N, C]``). Full-size memory per direction: the output
-(forward), the input gradient and, with a fused activation and residual, its gradient (backward).
+(forward), the input gradient and, with a fused activation and residual, its gradient
+(backward), plus, for a fused activation on float32/float64 input, one recomputed buffer.
 """
 
 from __future__ import annotations
@@ -232,9 +234,33 @@ def normalize(
     return mean, invstd
 
 
-def _fused_activation(epilogue: Epilogue) -> bool:
-    """A fused activation: its backward recomputes z and works a slice at a time."""
-    return epilogue.activation != ACTIVATION_CODES["identity"]
+def _sliced_activation(x: torch.Tensor, epilogue: Epilogue) -> bool:
+    """A fused activation on bf16/fp16 input: its backward recomputes z in float32, a slice at a
+    time (float32/float64 input recomputes it whole, into one buffer of the input's dtype: a
+    slice at a time cost 10-50% more there, in ATen calls, on every CPU shape measured)."""
+    return epilogue.activation != ACTIVATION_CODES["identity"] and accumulation_dtype(x.dtype) != x.dtype
+
+
+def _grad_before_activation(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    epilogue: Epilogue,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``grad_out * act'(z)`` ``[N, C, S]`` for input in its accumulation dtype (float32/64), z
+    recomputed into ``buffer`` (used when laid out like x, else a new one). Identity: ``grad_out``
+    itself, no pass."""
+    if epilogue.activation == ACTIVATION_CODES["identity"]:
+        return grad_out
+    if buffer is None or buffer.stride() != x.stride():
+        buffer = torch.empty_like(x)
+    _pre_activation_into(buffer, x, mean, invstd, weight, bias, epilogue.residual)
+    _activation_backward_(buffer, grad_out, epilogue.activation, epilogue.negative_slope)
+    return buffer
 
 
 def _activation_grad_slices(
@@ -246,22 +272,20 @@ def _activation_grad_slices(
     bias: torch.Tensor | None,
     epilogue: Epilogue,
 ) -> Iterator[tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]]:
-    """``(rows, dy * act'(z), x)`` of ``[N, C, S]`` views a slice at a time, in the accumulation
-    dtype: z is recomputed as the forward computed it, into a buffer of one slice reused for
-    every slice (``_SliceBuffers``), and so are float32 copies of bf16/fp16 x and dy. The
-    consumer may overwrite ``dy * act'(z)``, and x only when the input is bf16/fp16 (a copy then;
-    else a view of the input itself)."""
+    """``(rows, dy * act'(z), x)`` of bf16/fp16 ``[N, C, S]`` views a slice at a time, both in
+    float32: z is recomputed as the forward computed it, in float32 buffers of one slice reused
+    for every slice (``_SliceBuffers``), like the float32 copies of x and dy. The consumer may
+    overwrite both yielded tensors."""
     residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
     acc_dtype = mean.dtype
-    converts = acc_dtype != x.dtype
     scale = invstd if weight is None else invstd * _as(weight, acc_dtype)
     shift = _as(bias, acc_dtype)
     slices = _slices(x)
-    buffers = _SliceBuffers(x, slices, acc_dtype, count=3 if converts else 1)
+    buffers = _SliceBuffers(x, slices, acc_dtype, count=3)
     for rows in slices:
-        z, *copies = buffers.views(x[rows])
-        source = copies[0].copy_(x[rows]) if converts else x[rows]
-        grad = copies[1].copy_(grad_out[rows]) if converts else grad_out[rows]
+        z, source, grad = buffers.views(x[rows])
+        source.copy_(x[rows])
+        grad.copy_(grad_out[rows])
         _affine_into(z, source, mean, scale, shift)
         if residual is not None:
             z.add_(residual[rows])
@@ -313,7 +337,7 @@ def backward_reduce(
     acc_dtype = mean.dtype
     if x.shape[0] * x.shape[2] == 0:
         sums = torch.zeros(2, channels, dtype=acc_dtype, device=x.device)
-    elif _fused_activation(epilogue):
+    elif _sliced_activation(x, epilogue):
         totals = torch.zeros(2, channels, dtype=torch.float64, device=x.device)
         for _, dy, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
             _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
@@ -323,8 +347,9 @@ def backward_reduce(
             totals[1] += sum_dy_xhat
         sums = totals.to(acc_dtype)
     else:
+        dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue)
         _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
-            _four_d(grad_out), _four_d(x), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+            _four_d(dy), _four_d(x), None, None, None, mean, invstd, True, 0.0, [False, True, True]
         )
         # ``sums`` is a new tensor (the caller all-reduces it in place); the gradients are ATen's.
         sums = torch.stack((sum_dy, sum_dy_xhat))
@@ -358,11 +383,13 @@ def backward_dx(
     if x.shape[0] * x.shape[2] == 0:
         return
     mean, invstd, count = saved.mean, saved.invstd, saved.count
-    if _fused_activation(epilogue):
-        _fused_activation_dx(grad_out, x, out, weight, bias, saved, sums, epilogue, grad_residual)
+    if _sliced_activation(x, epilogue):
+        _low_precision_activation_dx(grad_out, x, out, weight, bias, saved, sums, epilogue, grad_residual)
         return
-    dy = grad_out  # no activation: the gradient at the normalized output, and the residual's
-    if grad_residual is not None:
+    # A fused activation's dy * act'(z) goes into the residual's gradient, which it is, when that
+    # is wanted; else into a new buffer (``out`` is overwritten below while dy is still read).
+    dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue, buffer=grad_residual)
+    if grad_residual is not None and dy is not grad_residual:
         grad_residual.copy_(dy)
     if out is None:
         return
@@ -393,7 +420,7 @@ def backward_dx(
         out[rows].copy_(total)
 
 
-def _fused_activation_dx(
+def _low_precision_activation_dx(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     out: torch.Tensor | None,
@@ -404,9 +431,9 @@ def _fused_activation_dx(
     epilogue: Epilogue,
     grad_residual: torch.Tensor | None,
 ) -> None:
-    """``backward_dx`` for a fused activation, a slice at a time: ``dy * act'(z)`` (the residual's
-    gradient) and the input gradient from it, summed in the accumulation dtype (float32 for
-    bf16/fp16: rounded once into their outputs). No temporary is the tensor's size."""
+    """``backward_dx`` for a fused activation on bf16/fp16 input, a float32 slice at a time:
+    ``dy * act'(z)`` (the residual's gradient) and the input gradient from it, each summed in
+    float32 and rounded once into its output. No temporary is the tensor's size."""
     mean, invstd, count = saved.mean, saved.invstd, saved.count
     scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
     if sums is not None:
@@ -418,12 +445,9 @@ def _fused_activation_dx(
             grad_residual[rows].copy_(dy)
         if out is None:
             continue
-        # the input gradient's slice, or (bf16/fp16) the float32 copy of x, free to overwrite
-        target = out[rows] if out.dtype == scale.dtype else source
         if sums is None:
-            torch.mul(dy, scale.view(1, -1, 1), out=target)
+            source = torch.mul(dy, scale.view(1, -1, 1), out=source)
         else:
-            _affine_into(target, source, mean, x_factor, shift)  # the x term
-            target.addcmul_(dy, scale.view(1, -1, 1))  # + s * dy
-        if target is source:
-            out[rows].copy_(target)
+            _affine_into(source, source, mean, x_factor, shift)  # the x term, in place of x's copy
+            source.addcmul_(dy, scale.view(1, -1, 1))  # + s * dy
+        out[rows].copy_(source)
