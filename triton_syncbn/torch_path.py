@@ -276,20 +276,15 @@ def _activation_grad_slices(
     float32: z is recomputed as the forward computed it, in float32 buffers of one slice reused
     for every slice (``_SliceBuffers``), like the float32 copies of x and dy. The consumer may
     overwrite both yielded tensors."""
-    residual, activation, negative_slope = epilogue.residual, epilogue.activation, epilogue.negative_slope
-    acc_dtype = mean.dtype
-    scale = invstd if weight is None else invstd * _as(weight, acc_dtype)
-    shift = _as(bias, acc_dtype)
+    residual = epilogue.residual
     slices = _slices(x)
-    buffers = _SliceBuffers(x, slices, acc_dtype, count=3)
+    buffers = _SliceBuffers(x, slices, mean.dtype, count=3)
     for rows in slices:
         z, source, grad = buffers.views(x[rows])
         source.copy_(x[rows])
         grad.copy_(grad_out[rows])
-        _affine_into(z, source, mean, scale, shift)
-        if residual is not None:
-            z.add_(residual[rows])
-        _activation_backward_(z, grad, activation, negative_slope)
+        _pre_activation_into(z, source, mean, invstd, weight, bias, None if residual is None else residual[rows])
+        _activation_backward_(z, grad, epilogue.activation, epilogue.negative_slope)
         yield rows, z, source
 
 
@@ -361,6 +356,20 @@ def backward_reduce(
     return sums, grad_weight, grad_bias
 
 
+def _input_grad_terms(
+    weight: torch.Tensor | None, invstd: torch.Tensor, sums: torch.Tensor | None, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(s, x_factor, shift)`` ``[C]`` of ``dx = s * dy + (x - mean) * x_factor + shift``:
+    ``s = weight * invstd``; with the global ``sums`` (else None, None) ``x_factor = -s * invstd *
+    sum_dy_xhat / n`` and ``shift = -s * sum_dy / n`` (every channel has the same count ``n``; a
+    Python number on the CPU path)."""
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    if sums is None:
+        return scale, None, None
+    negative_means = sums * (-1.0 / max(float(count[0]), 1.0))  # -[mean(dy), mean(dy * xhat)]
+    return scale, (scale * invstd).mul_(negative_means[1]), scale * negative_means[0]
+
+
 def backward_dx(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -393,22 +402,17 @@ def backward_dx(
         grad_residual.copy_(dy)
     if out is None:
         return
-    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    scale, x_factor, shift = _input_grad_terms(weight, invstd, sums, count)
     if sums is None:
         _affine_into(out, dy, torch.zeros_like(scale), scale, None)
         return
-    # -[mean(dy), mean(dy * xhat)] over the global batch (every channel has the same count; a
-    # Python number on the CPU path)
-    negative_means = sums * (-1.0 / max(float(count[0]), 1.0))
-    x_factor = (scale * invstd).mul_(negative_means[1])
     if out.dtype == scale.dtype:
-        _affine_into(out, x, mean, x_factor, scale * negative_means[0])
+        _affine_into(out, x, mean, x_factor, shift)
         out.addcmul_(dy, scale.view(1, -1, 1))  # out += s * dy
         return
     # bf16/fp16: the x term and s * dy cancel where dx is small, so they are summed in float32 and
     # rounded once, as torch's BatchNorm backward does (summing in bf16 cost several ulps of dx);
     # a slice at a time, so the float32 temporaries stay a fraction of the tensor.
-    shift = scale * negative_means[0]
     slices = _slices(x)
     buffers = _SliceBuffers(x, slices, scale.dtype, count=2 if dy.dtype != scale.dtype else 1)
     for rows in slices:
@@ -434,12 +438,8 @@ def _low_precision_activation_dx(
     """``backward_dx`` for a fused activation on bf16/fp16 input, a float32 slice at a time:
     ``dy * act'(z)`` (the residual's gradient) and the input gradient from it, each summed in
     float32 and rounded once into its output. No temporary is the tensor's size."""
-    mean, invstd, count = saved.mean, saved.invstd, saved.count
-    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
-    if sums is not None:
-        negative_means = sums * (-1.0 / max(float(count[0]), 1.0))
-        x_factor = (scale * invstd).mul_(negative_means[1])
-        shift = scale * negative_means[0]
+    mean, invstd = saved.mean, saved.invstd
+    scale, x_factor, shift = _input_grad_terms(weight, invstd, sums, saved.count)
     for rows, dy, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
         if grad_residual is not None:
             grad_residual[rows].copy_(dy)
