@@ -72,14 +72,6 @@ class _KeyRecorder:
         return None
 
 
-class _OneConfig:
-    def __init__(self, config: object) -> None:
-        self.config = config
-
-    def lookup(self, key: object) -> object:
-        return self.config
-
-
 def kernel_calls(
     shape: tuple[int, ...], dtype: torch.dtype, layout: str, activation: str
 ) -> dict[str, Callable[[object], torch.Tensor]]:
@@ -162,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             best, best_us = None, default_us
             for thread_elements, num_warps, steps in configs:
                 config = tuning.ElementwiseConfig(thread_elements, num_warps, steps)
-                dispatch = launchers.Dispatch(tuning=_OneConfig(config))
+                dispatch = launchers.Dispatch(tuning=tuning.UniformTable(config))
                 output = run(dispatch)
                 if not torch.equal(output.contiguous().view(torch.uint8), reference.contiguous().view(torch.uint8)):
                     raise SystemExit(f"{kernel} {config} wrote other bits than the heuristic on {shape.id}: a bug")

@@ -275,7 +275,7 @@ def elementwise_bits_under_tuning(
     results: dict[str, object] = {"reference_grids": reference[3], "configs": []}
     for thread_elements, num_warps, steps in configs:
         config = tuning.ElementwiseConfig(thread_elements, num_warps, steps)
-        table = _table_for_every_key(config)
+        table = tuning.UniformTable(config)
         tuned = run(launchers.Dispatch(tuning=table))
         results["configs"].append({
             "config": (thread_elements, num_warps, steps),
@@ -287,13 +287,3 @@ def elementwise_bits_under_tuning(
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-class _table_for_every_key:  # noqa: N801 - a stand-in for tuning.TuningTable
-    """A table that answers every key with one configuration."""
-
-    def __init__(self, config: object) -> None:
-        self.config = config
-
-    def lookup(self, key: object) -> object:
-        return self.config

@@ -72,7 +72,7 @@ def _training_step_launches(dispatch: launchers.Dispatch) -> list[tuple[str, tup
 
 def test_a_table_changes_the_elementwise_launches_only() -> None:
     default = _training_step_launches(launchers.Dispatch())
-    everything = _table_answering(WIDE)
+    everything = tuning.UniformTable(WIDE)
     tuned = _training_step_launches(launchers.Dispatch(tuning=everything))
     assert [name for name, _, _ in tuned] == [name for name, _, _ in default]
     for (name, grid, warps), (_, default_grid, default_warps) in zip(tuned, default, strict=True):
@@ -97,14 +97,6 @@ def test_use_installs_a_table_for_the_process_and_a_missing_key_gets_the_heurist
     assert changed == {"_normalize_kernel"}  # backward_dx's key is not in the table
     assert tuning.active() is None
     assert _training_step_launches(launchers.Dispatch()) == default
-
-
-def _table_answering(config: tuning.ElementwiseConfig) -> tuning.TuningTable:
-    class Everything(tuning.TuningTable):
-        def lookup(self, key: tuning.TuningKey) -> tuning.ElementwiseConfig:
-            return config
-
-    return Everything()
 
 
 @pytest.mark.interpreter
