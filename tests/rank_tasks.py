@@ -6,6 +6,8 @@ check against the oracle. Ranks outside the case's group return None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -447,3 +449,56 @@ def non_finite_batch() -> torch.Tensor:
     x[1, 1, 2] = float("nan")
     x[2, 2, 0] = float("inf")
     return x
+
+
+def _large_allocations(function: Callable[[], object], threshold: int) -> list[int]:
+    """Sizes of the CPU allocations of at least ``threshold`` bytes made by ``function()``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        function()
+    sizes = (event.self_cpu_memory_usage for event in profile.events())  # self: each allocation once
+    return [size for size in sizes if size >= threshold]
+
+
+def synchronized_allocations(
+    dtype: torch.dtype, channels_last: bool, activation: str | None
+) -> dict[str, object] | None:
+    """Full-size (>= half the input's bytes) allocations of one synchronized forward and backward
+    on ranks 0-1, each with an ``[8, 16, 64, 64]`` input (1-2 MB), after a warm-up step; with an
+    activation, the layer also takes a residual that needs a gradient."""
+    group = subgroup(2)
+    if current_rank() >= 2:
+        return None
+    x = torch.randn(8, 16, 64, 64, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    residual = None if activation is None else torch.randn_like(x, requires_grad=True)
+    dy = torch.randn_like(x)
+    module = triton_syncbn.SyncBatchNorm(16, process_group=group, activation=activation)
+    module(x, residual).backward(dy)  # first call: the ranks' handshake, lazy state
+    output = None
+
+    def forward() -> None:
+        nonlocal output
+        output = module(x, residual)
+
+    forward_allocations = _large_allocations(forward, x.numel() * x.element_size() // 2)
+    backward_allocations = _large_allocations(lambda: output.backward(dy), x.numel() * x.element_size() // 2)
+    return {"size": x.numel() * x.element_size(), "forward": forward_allocations, "backward": backward_allocations}
+
+
+def synchronized_input_grad(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, memory_format: torch.memory_format
+) -> torch.Tensor | None:
+    """The input gradient of a 2-rank SyncBatchNorm (float32 weight) on rows ``rank::2`` of the
+    global 4-D ``x``/``dy``, each rank's rows in ``memory_format``, for the test to reassemble."""
+    group = subgroup(2)
+    rank = current_rank()
+    if rank >= 2:
+        return None
+    leaf = x[rank::2].contiguous(memory_format=memory_format).requires_grad_(True)
+    module = triton_syncbn.SyncBatchNorm(x.shape[1], process_group=group)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    module(leaf).backward(dy[rank::2].contiguous(memory_format=memory_format))
+    return leaf.grad

@@ -113,5 +113,8 @@ def test_dynamic_batch_and_spatial_sizes_compile_once() -> None:
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     for (name, value), (_, value_eager) in zip(model.state_dict().items(), eager.state_dict().items(), strict=True):
         torch.testing.assert_close(value, value_eager, rtol=1e-6, atol=1e-6, msg=name)
+    # Eager runs ATen's batch norm here (no group), the graph our ops: the parameter gradients are
+    # sums of ~2000 terms of size ~1 in different orders (bias gradients cancel to ~0), so they
+    # agree to float32 round-off of that sum, ~1e-4, not to 1e-5.
     for param, param_eager in zip(model.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(param.grad, param_eager.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(param.grad, param_eager.grad, rtol=1e-5, atol=1e-4)

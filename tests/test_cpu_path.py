@@ -132,29 +132,57 @@ def large_allocations(function, threshold: int) -> list[int]:
     return [size for size in sizes if size >= threshold]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-def test_no_full_size_temporaries(dtype: torch.dtype, channels_last: bool) -> None:
-    """Forward allocates the output and nothing else full-size; backward the input gradient (a
-    1-2 MB tensor: below 256 KB of float32 temporaries a layer is not sliced)."""
-    x = torch.randn(8, 16, 64, 64, dtype=dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    dy = torch.randn_like(x)
-    module = SyncBatchNorm(16)
-    size = x.numel() * x.element_size()
-    module(x)  # first call: lazy state
-    output = None
+def test_no_full_size_temporaries(clusters, dtype: torch.dtype, channels_last: bool) -> None:
+    """Synchronized over 2 gloo ranks: forward allocates the output and nothing else full-size;
+    backward the input gradient (1-2 MB tensors: below 256 KB of float32 temporaries a layer is
+    not sliced)."""
+    for result in clusters("torch-cpu").run(rank_tasks.synchronized_allocations, dtype, channels_last, None)[:2]:
+        assert result["forward"] == [result["size"]], result
+        assert result["backward"] == [result["size"]], result
 
-    def forward() -> None:
-        nonlocal output
-        output = module(x)
 
-    forward_allocations = large_allocations(forward, size // 2)
-    assert forward_allocations == [size], forward_allocations
-    backward_allocations = large_allocations(lambda: output.backward(dy), size // 2)
-    assert backward_allocations == [size], backward_allocations
+def test_unsynchronized_plain_layer_is_torch_batch_norm() -> None:
+    """No group, no epilogue: ATen's batch norm runs the layer, as ``torch.nn.SyncBatchNorm`` runs
+    ``F.batch_norm`` at world size 1: output, every gradient, running statistics and the counter
+    bitwise equal to ``torch.nn.BatchNorm2d``'s over 2 steps, in both layouts and in eval, and the
+    same full-size allocations (ATen's backward makes one transient temporary)."""
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(8, 16, 32, 32).contiguous(memory_format=memory_format) * 3 + 1
+        dy = torch.randn_like(x)
+        ours, theirs = SyncBatchNorm(16), torch.nn.BatchNorm2d(16)
+        with torch.no_grad():
+            for module in (ours, theirs):
+                module.weight.copy_(torch.linspace(0.5, 2, 16))
+                module.bias.copy_(torch.linspace(-1, 1, 16))
+        results = {}
+        for name, module in (("ours", ours), ("torch", theirs)):
+            outputs = []
+            for _ in range(2):
+                leaf = x.clone().requires_grad_(True)
+                output = module(leaf)
+                output.backward(dy)
+                outputs += [output, leaf.grad]
+            module.eval()
+            outputs += [module(x), module.weight.grad, module.bias.grad, *module.buffers()]
+            results[name] = outputs
+        for mine, reference in zip(results["ours"], results["torch"], strict=True):
+            assert torch.equal(mine, reference)
+        assert results["ours"][0].is_contiguous(memory_format=memory_format)
+        mine, reference = (step_allocations(module.train(), x, dy) for module in (ours, theirs))
+        assert mine["forward"] == [x.numel() * x.element_size()], mine
+        assert mine == reference, (mine, reference)
+
+
+def step_allocations(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, list[int]]:
+    """Full-size allocations (>= half of ``x``'s bytes) of one forward and one backward of ``module``."""
+    leaf = x.clone().requires_grad_(True)
+    threshold = x.numel() * x.element_size() // 2
+    outputs = []
+    forward = large_allocations(lambda: outputs.append(module(leaf)), threshold)
+    return {"forward": forward, "backward": large_allocations(lambda: outputs[0].backward(dy), threshold)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -172,25 +200,28 @@ def test_fused_activation_backward_makes_no_full_size_temporaries(dtype: torch.d
     assert allocations == [size, size], allocations
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-def test_low_precision_input_gradient_within_twice_torch(dtype: torch.dtype, channels_last: bool) -> None:
-    """bf16/fp16 input, float32 parameters: the input gradient's two terms cancel where it is
-    small, so they must be summed before rounding (as torch does), not each rounded first."""
+def test_low_precision_input_gradient_within_twice_torch(clusters, dtype: torch.dtype, channels_last: bool) -> None:
+    """bf16/fp16 input, float32 parameters, synchronized over 2 ranks: the input gradient's two
+    terms cancel where it is small, so they must be summed before rounding (as torch does), not
+    each rounded first; held to 2x the error of torch's BatchNorm on the whole batch."""
     generator = torch.Generator().manual_seed(3)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(16, 8, 12, 12, generator=generator) * 1.5 + 0.5).to(dtype).contiguous(memory_format=memory_format)
     # dy close to a per-channel affine function of x: the gradient through the statistics cancels most of it
     dy = (x.float() * 0.8 + 0.3 + 0.05 * torch.randn(x.shape, generator=generator)).to(dtype)
     weight = torch.rand(8, generator=generator) + 0.5
-    grads = {}
-    for name, module in (("ours", SyncBatchNorm(8)), ("torch", torch.nn.BatchNorm2d(8))):
-        with torch.no_grad():
-            module.weight.copy_(weight)
-        leaf = x.clone().requires_grad_(True)
-        module(leaf).backward(dy)
-        grads[name] = leaf.grad
+    per_rank = clusters("torch-cpu").run(rank_tasks.synchronized_input_grad, x, dy, weight, memory_format)
+    ours = torch.empty(x.shape, dtype=dtype)
+    ours[0::2], ours[1::2] = per_rank[0], per_rank[1]
+    module = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    leaf = x.clone().requires_grad_(True)
+    module(leaf).backward(dy)
     exact_x = x.double().requires_grad_(True)
     F.batch_norm(exact_x, None, None, weight.double(), None, True).backward(dy.double())
-    ours, theirs = (relative_l2_error(grads[name], exact_x.grad) for name in ("ours", "torch"))
-    assert ours <= 2 * theirs, (ours, theirs)
+    mine, theirs = (relative_l2_error(grad, exact_x.grad) for grad in (ours, leaf.grad))
+    assert mine <= 2 * theirs, (mine, theirs)

@@ -6,14 +6,19 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.autograd import forward_ad
 
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
+from . import torch_path
+from .backend import kernel_backend
 from .contract import Epilogue, ForwardCall, RunningStats
 from .distributed import group_name, sync_group
 from .function import function_for_this_call
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def activation_code(activation: str | None) -> int:
@@ -140,9 +145,80 @@ def batch_norm_function(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if before_collectives is not None:
         before_collectives()
+    if _aten_batch_norm_serves(input, weight, bias, running, fused, group, check_finite):
+        return _aten_batch_norm(input, weight, bias, running, use_batch_stats, eps)
     call = ForwardCall(input, weight, bias, running, fused, eps, use_batch_stats, group_name(group), check_finite)
     output, _, _, _ = function_for_this_call().apply(*call.flat())
     return output
+
+
+def _aten_batch_norm_serves(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running: RunningStats | None,
+    fused: Epilogue,
+    group: dist.ProcessGroup | None,
+    check_finite: bool,
+) -> bool:
+    """Whether this call is exactly ``torch.batch_norm`` on a CPU tensor that the plain-torch
+    backend serves (not Triton's interpreter), so ATen's own
+    autograd-aware batch norm runs it (as ``torch.nn.SyncBatchNorm`` runs ``F.batch_norm`` when
+    there is nothing to synchronize): no group, no fused epilogue, no finite check, a non-empty
+    dense input (contiguous or channels_last), per-channel tensors of a dtype ATen's CPU kernel
+    takes (the input's, or float32 for bf16/fp16 input), running statistics that need no
+    gradient, and not while compiling or under a torch.func/forward-AD transform (where our
+    Function's behaviour, documented and tested, holds). The result is the same function (the
+    global batch is the local one); only the per-call cost differs (~40 small ops fewer), and
+    ATen's backward makes one transient temporary of the input's size, as torch's BatchNorm does."""
+    if kernel_backend(input) is not torch_path or group is not None or check_finite or fused.residual is not None:
+        return False
+    if torch.compiler.is_compiling() or _transform_active():
+        return False  # compiled graphs and torch.func/forward-AD transforms keep our Function's rules
+    if fused.activation != ACTIVATION_CODES["identity"] or input.numel() == 0:
+        return False
+    channels_last = _CHANNELS_LAST.get(input.dim(), torch.contiguous_format)
+    if not (input.is_contiguous() or input.is_contiguous(memory_format=channels_last)):
+        return False
+    if running is not None and (running.mean.requires_grad or running.var.requires_grad):
+        return False  # ATen's batch norm does not differentiate through running statistics
+    per_channel = [weight, bias] + ([] if running is None else [running.mean, running.var])
+    dtypes = {tensor.dtype for tensor in per_channel if tensor is not None}
+    return not dtypes or dtypes == {input.dtype} or (dtypes == {torch.float32} and input.dtype in _REDUCED)
+
+
+def _transform_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, ...) or a forward-AD dual level is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+def _aten_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running: RunningStats | None,
+    use_batch_stats: bool,
+    eps: float,
+) -> torch.Tensor:
+    """``torch.batch_norm`` with ``RunningStats``' update rule (``input`` ``(N, C, *)``; output of
+    its shape, dtype and memory format). Raises torch's error for 1 value per channel in training."""
+    if use_batch_stats and input.numel() == input.shape[1]:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 value per channel "
+            f"in the global batch (local input shape {tuple(input.shape)})"
+        )
+    momentum = 0.0
+    running_mean = running_var = None
+    if running is not None:
+        running_mean, running_var = running.mean, running.var
+        counter = running.num_batches_tracked
+        if use_batch_stats and counter is not None:
+            counter.add_(1)
+        if use_batch_stats:
+            momentum = 1.0 / float(counter) if running.cumulative else running.momentum
+    return torch.batch_norm(
+        input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, torch.backends.cudnn.enabled
+    )
 
 
 def sync_batch_norm(

@@ -28,7 +28,8 @@ class SyncBatchNorm(_BatchNorm):
     keys are those of ``torch.nn.SyncBatchNorm`` and ``torch.nn.BatchNorm{1,2,3}d``.
 
     Differences from ``torch.nn.SyncBatchNorm`` (all deliberate): CPU tensors synchronize over
-    gloo; single-process training runs the same kernels; a step where every rank's batch is
+    gloo; single-process training runs the same kernels on CUDA (on CPU a layer without a fused
+    epilogue then runs ``torch.batch_norm``, as torch's class does); a step where every rank's batch is
     empty leaves running_mean/running_var unchanged; no host-device synchronization in forward
     or backward; 1 value per channel is an error only when the *global* batch has 1 value per
     channel.
