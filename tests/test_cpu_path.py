@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import rank_tasks
-from oracle import Case, global_batch, initial_state, memory_format_of, oracle, relative_l2_error
+from oracle import Case, check_case, global_batch, initial_state, memory_format_of, oracle, relative_l2_error
 from triton_syncbn import SyncBatchNorm
 
 QUANTITIES = ("running_mean", "running_var", "weight_grad", "bias_grad", "output", "input_grad")
@@ -225,3 +225,33 @@ def test_low_precision_input_gradient_within_twice_torch(clusters, dtype: torch.
     F.batch_norm(exact_x, None, None, weight.double(), None, True).backward(dy.double())
     mine, theirs = (relative_l2_error(grad, exact_x.grad) for grad in (ours, leaf.grad))
     assert mine <= 2 * theirs, (mine, theirs)
+
+
+# One process, nothing to synchronize: layers that the ATen shortcut does not take (a fused
+# epilogue) run backward as one ATen BatchNorm backward where the dtypes allow it.
+UNSYNCHRONIZED = [
+    Case(batches=(5,), tail=(4, 6, 5), activation="relu", residual="same", steps=2),
+    Case(batches=(5,), tail=(4, 6, 5), activation="silu", residual="contiguous", channels_last=True),
+    Case(batches=(6,), tail=(7,), activation="leaky_relu", negative_slope=0.2, momentum=None, steps=2),
+    Case(batches=(3,), tail=(3, 2, 3, 4), activation="relu", channels_last=True, affine=False),
+    Case(batches=(4,), tail=(5, 9), dtype=torch.float64, param_dtype=torch.float64, activation="silu", residual="same"),
+    Case(batches=(3,), tail=(4, 5, 5), residual="same"),  # identity activation: dresidual is dy
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float64, activation="relu"),  # float32 weight: two stages
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # two stages
+]
+SERVED = [True, True, True, True, True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("case", "served"), list(zip(UNSYNCHRONIZED, SERVED, strict=True)), ids=lambda value: getattr(value, "id", "")
+)
+def test_unsynchronized_fused_backward_matches_the_oracle(monkeypatch, case: Case, served: bool) -> None:
+    """Output, input/residual/weight/bias gradients, running statistics and the counter against
+    the float64 oracle, and the one-call ATen backward taken exactly where it serves."""
+    from triton_syncbn import torch_path
+
+    calls = []
+    original = torch_path.unsynchronized_backward
+    monkeypatch.setattr(torch_path, "unsynchronized_backward", lambda *args: calls.append(1) or original(*args))
+    check_case(case, [rank_tasks.run_case(case)])
+    assert bool(calls) == served, calls

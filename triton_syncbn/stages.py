@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from . import torch_path
 from .backend import kernel_backend
 from .contract import BackwardCall, Epilogue, ForwardCall
 from .distributed import all_reduce_sum_, group_from_name
@@ -100,12 +101,14 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
     grad_out = channel_view(call.grad_output)
     views = _with_residual_view(epilogue)
     grad_input = grad_residual = grad_weight = grad_bias = sums = None
+    group = group_from_name(call.group_name)
+    if group is None and ops is torch_path and torch_path.unsynchronized_backward_serves(x, weight, saved):
+        return _unsynchronized_cpu_backward(call, x, grad_out, views)
     if needs.weight or needs.bias or (needs.input and saved.batch_stats):
         sums, grad_weight, grad_bias = ops.backward_reduce(
             grad_out, x, weight, bias, saved, views,
             weight.dtype if needs.weight else None, bias.dtype if needs.bias else None,
         )  # fmt: skip
-    group = group_from_name(call.group_name)
     if needs.input and saved.batch_stats and group is not None:
         all_reduce_sum_(sums, group)
     grad_residual_view = None
@@ -121,6 +124,23 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
             grad_out, x, grad_input_view, weight, bias, saved, sums if saved.batch_stats and needs.input else None,
             views, grad_residual_view,
         )  # fmt: skip
+    return grad_input, grad_residual, grad_weight, grad_bias
+
+
+def _unsynchronized_cpu_backward(
+    call: BackwardCall, x: torch.Tensor, grad_out: torch.Tensor, views: Epilogue
+) -> tuple[torch.Tensor | None, ...]:
+    """``backward`` on the CPU path with nothing to synchronize: the local sums are the global
+    ones, so ATen's BatchNorm backward makes every gradient in one call (``torch_path``)."""
+    needs = call.needs
+    grad_residual = grad_residual_view = None
+    if needs.residual:
+        grad_residual, grad_residual_view = empty_output_like(call.epilogue.residual)
+    grad_input_view, grad_weight, grad_bias = torch_path.unsynchronized_backward(
+        grad_out, x, call.weight, call.bias, call.saved, views, needs.input, grad_residual_view,
+        call.weight.dtype if needs.weight else None, call.bias.dtype if needs.bias else None,
+    )  # fmt: skip
+    grad_input = None if grad_input_view is None else grad_input_view.view(call.input.shape)
     return grad_input, grad_residual, grad_weight, grad_bias
 
 

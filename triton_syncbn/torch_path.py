@@ -14,11 +14,16 @@ type" mode), so no full-size casted copy is made; where float32 is needed (the b
 fused activation on bf16/fp16 recomputes z and act'(z) in float32; bf16/fp16 input gradients are
 summed in float32) it is made a slice at a time, in buffers of at most an eighth of the tensor
 (or 64K elements) reused across slices.
+With nothing to synchronize (one process; float32/float64 with a weight of the input's dtype),
+the backward is instead one ``native_batch_norm_backward`` for every gradient
+(``unsynchronized_backward``, called by ``stages.backward``): the local sums are the global ones.
+(A plain layer in that case never gets here: ``functional`` runs ``torch.batch_norm`` itself.)
 They accept ``[N, C, S, 1]`` views of the ``[N, C, S]`` channel views in both layouts: a
 channels_last ``[N, C, S]`` view (strides ``(C * S, 1, C)``) is a channels_last ``[N, C, S, 1]``
 tensor (2-D input is passed as ``[N, C]``). Full-size memory per direction: the output
 (forward), the input gradient and, with a fused activation and residual, its gradient
-(backward), plus, for a fused activation on float32/float64 input, one recomputed buffer.
+(backward), plus, for a fused activation on float32/float64 input, one recomputed buffer (and,
+unsynchronized, the transient temporary of x's size that ATen's BatchNorm backward makes).
 """
 
 from __future__ import annotations
@@ -354,6 +359,56 @@ def backward_reduce(
     grad_weight = None if weight_grad_dtype is None else sums[1].to(weight_grad_dtype, copy=True)
     grad_bias = None if bias_grad_dtype is None else sums[0].to(bias_grad_dtype, copy=True)
     return sums, grad_weight, grad_bias
+
+
+def unsynchronized_backward_serves(x: torch.Tensor, weight: torch.Tensor | None, saved: SavedStatistics) -> bool:
+    """Whether ``unsynchronized_backward`` can take a backward with nothing to synchronize:
+    batch statistics, a non-empty float32/float64 ``[N, C, S]`` view of a contiguous or
+    channels_last input (the layouts ATen returns its gradient in), a weight of the input's dtype.
+    bf16/fp16 keep the two-stage path, which sums ``dy * act'(z)`` in float32 slices."""
+    return (
+        saved.batch_stats
+        and x.dtype == saved.mean.dtype
+        and (weight is None or weight.dtype == x.dtype)
+        and x.shape[0] * x.shape[2] > 0
+        and (x.is_contiguous() or _four_d(x).is_contiguous(memory_format=torch.channels_last))
+    )
+
+
+def unsynchronized_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
+    epilogue: Epilogue,
+    need_input: bool,
+    grad_residual: torch.Tensor | None,
+    weight_grad_dtype: torch.dtype | None,
+    bias_grad_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``backward_reduce`` and ``backward_dx`` in one ATen ``native_batch_norm_backward`` when the
+    local batch is the global one (where ``unsynchronized_backward_serves``): ``dy * act'(z)``
+    (z recomputed as the forward did, written into ``grad_residual`` when given) and then the
+    input, weight and bias gradients in one call, as torch's BatchNorm backward: one pass over
+    (dy, x) for the sums and one for dx, instead of a reduce pass and two dx passes.
+
+    Returns ``(grad_input [N, C, S], grad_weight, grad_bias)``, each None where not asked for;
+    ATen allocates the input gradient in x's layout (plus one transient temporary of x's size).
+    """
+    dy = _grad_before_activation(grad_out, x, saved.mean, saved.invstd, weight, bias, epilogue, buffer=grad_residual)
+    if grad_residual is not None and dy is not grad_residual:
+        grad_residual.copy_(dy)
+    mask = [need_input, weight_grad_dtype is not None, bias_grad_dtype is not None]
+    if not any(mask):
+        return None, None, None
+    grad_input, grad_weight, grad_bias = _aten.native_batch_norm_backward(
+        _four_d(dy), _four_d(x), weight, None, None, saved.mean, saved.invstd, True, 0.0, mask
+    )
+    grad_input = None if grad_input is None else grad_input.view(x.shape)
+    grad_weight = None if grad_weight is None else _as(grad_weight, weight_grad_dtype)
+    grad_bias = None if grad_bias is None else _as(grad_bias, bias_grad_dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 def _input_grad_terms(
