@@ -185,19 +185,36 @@ def step_allocations(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor)
     return {"forward": forward, "backward": large_allocations(lambda: outputs[0].backward(dy), threshold)}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_fused_activation_backward_makes_no_full_size_temporaries(dtype: torch.dtype) -> None:
-    """relu(bn(x) + residual) on bf16/fp16: backward allocates the input's and the residual's
-    gradients and nothing else full-size (float32 slices of an eighth of the tensor). float32
-    input recomputes the pre-activation whole, into one buffer of its own dtype (faster)."""
-    x = torch.randn(8, 16, 64, 64, dtype=dtype, requires_grad=True)
-    residual = torch.randn_like(x, requires_grad=True)
-    module = SyncBatchNorm(16, activation="relu")
-    size = x.numel() * x.element_size()
-    output = module(x, residual)
-    dy = torch.randn_like(output)
-    allocations = large_allocations(lambda: output.backward(dy), size // 2)
-    assert allocations == [size, size], allocations
+def test_fused_activation_backward_makes_no_full_size_temporaries(clusters, dtype: torch.dtype) -> None:
+    """relu(bn(x) + residual) on bf16/fp16 over 2 ranks: backward allocates the input's and the
+    residual's gradients and nothing else full-size (float32 slices of an eighth of the tensor).
+    float32 input recomputes the pre-activation whole, into one buffer of its own dtype (faster)."""
+    for result in clusters("torch-cpu").run(rank_tasks.synchronized_allocations, dtype, False, "relu")[:2]:
+        assert result["forward"] == [result["size"]], result
+        assert result["backward"] == [result["size"]] * 2, result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_unsynchronized_fused_backward_allocates_no_more_than_torch(dtype: torch.dtype) -> None:
+    """One process: relu(bn(x) + residual) allocates no more full-size tensors than torch's
+    BatchNorm + add + ReLU, in each direction (ATen's backward makes the same transient temporary)."""
+    x = torch.randn(8, 16, 64, 64, dtype=dtype)
+    residual, dy = torch.randn_like(x), torch.randn_like(x)
+    ours = SyncBatchNorm(16, activation="relu")
+    batch_norm = torch.nn.BatchNorm2d(16).to(dtype)
+    layers = {"ours": lambda leaf, skip: ours(leaf, skip), "torch": lambda leaf, skip: F.relu(batch_norm(leaf) + skip)}
+    threshold = x.numel() * x.element_size() // 2
+    counts = {}
+    for name, layer in layers.items():
+        leaf, skip = x.clone().requires_grad_(True), residual.clone().requires_grad_(True)
+        layer(leaf, skip).backward(dy)  # warm-up
+        outputs = []
+        forward = large_allocations(lambda: outputs.append(layer(leaf, skip)), threshold)  # noqa: B023
+        backward = large_allocations(lambda: outputs[0].backward(dy), threshold)  # noqa: B023
+        counts[name] = (len(forward), len(backward))
+    assert counts["ours"][0] <= counts["torch"][0] and counts["ours"][1] <= counts["torch"][1], counts
 
 
 @pytest.mark.distributed
@@ -237,9 +254,13 @@ UNSYNCHRONIZED = [
     Case(batches=(4,), tail=(5, 9), dtype=torch.float64, param_dtype=torch.float64, activation="silu", residual="same"),
     Case(batches=(3,), tail=(4, 5, 5), residual="same"),  # identity activation: dresidual is dy
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float64, activation="relu"),  # float32 weight: two stages
-    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # two stages
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, residual="same"),  # no activation: one call
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, residual="same", channels_last=True),
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # float32 slices
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="relu"),  # float32 slices
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, param_dtype=torch.float16, residual="same"),  # fp16 weight
 ]
-SERVED = [True, True, True, True, True, True, False, False]
+SERVED = [True, True, True, True, True, True, False, True, True, False, False, False]
 
 
 @pytest.mark.parametrize(
