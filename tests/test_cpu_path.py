@@ -259,20 +259,46 @@ UNSYNCHRONIZED = [
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # float32 slices
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="relu"),  # float32 slices
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, param_dtype=torch.float16, residual="same"),  # fp16 weight
+    Case(batches=(4,), tail=(6,), dtype=torch.bfloat16, activation="relu", track_running_stats=False),
 ]
-SERVED = [True, True, True, True, True, True, False, True, True, False, False, False]
+# Whether the backward is one ATen call; the forward's statistics are one ATen call in every case
+# whose running statistics are in the accumulation dtype (not float64 input with float32 ones,
+# nor fp16 ones).
+SERVED = [True, True, True, True, True, True, False, True, True, False, False, False, False]
+FORWARD_SERVED = [True] * 6 + [False] + [True] * 4 + [False, True]
 
 
 @pytest.mark.parametrize(
-    ("case", "served"), list(zip(UNSYNCHRONIZED, SERVED, strict=True)), ids=lambda value: getattr(value, "id", "")
+    ("case", "served", "forward_served"),
+    list(zip(UNSYNCHRONIZED, SERVED, FORWARD_SERVED, strict=True)),
+    ids=lambda value: getattr(value, "id", ""),
 )
-def test_unsynchronized_fused_backward_matches_the_oracle(monkeypatch, case: Case, served: bool) -> None:
+def test_unsynchronized_fused_layer_matches_the_oracle(
+    monkeypatch, case: Case, served: bool, forward_served: bool
+) -> None:
     """Output, input/residual/weight/bias gradients, running statistics and the counter against
-    the float64 oracle, and the one-call ATen backward taken exactly where it serves."""
+    the float64 oracle, and the one-call ATen forward statistics and backward taken exactly where
+    they serve."""
     from triton_syncbn import torch_path
 
-    calls = []
-    original = torch_path.unsynchronized_backward
-    monkeypatch.setattr(torch_path, "unsynchronized_backward", lambda *args: calls.append(1) or original(*args))
+    calls = {"forward": 0, "backward": 0}
+    for direction in calls:
+        original = getattr(torch_path, f"unsynchronized_{direction}")
+
+        def counted(*args, direction=direction, original=original):
+            calls[direction] += 1
+            return original(*args)
+
+        monkeypatch.setattr(torch_path, f"unsynchronized_{direction}", counted)
     check_case(case, [rank_tasks.run_case(case)])
-    assert bool(calls) == served, calls
+    assert (calls["backward"] > 0, calls["forward"] > 0) == (served, forward_served), calls
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_one_value_per_channel_in_one_process_changes_nothing(activation: str | None) -> None:
+    module = SyncBatchNorm(3, activation=activation)
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(torch.randn(1, 3))
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -15,6 +15,7 @@ from .backend import kernel_backend
 from .contract import Epilogue, ForwardCall, RunningStats
 from .distributed import group_name, sync_group
 from .function import function_for_this_call
+from .stages import ONE_VALUE_MESSAGE
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -203,10 +204,7 @@ def _aten_batch_norm(
     """``torch.batch_norm`` with ``RunningStats``' update rule (``input`` ``(N, C, *)``; output of
     its shape, dtype and memory format). Raises torch's error for 1 value per channel in training."""
     if use_batch_stats and input.numel() == input.shape[1]:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got 1 value per channel "
-            f"in the global batch (local input shape {tuple(input.shape)})"
-        )
+        raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
     momentum = 0.0
     running_mean = running_var = None
     if running is not None:

@@ -18,6 +18,11 @@ from .contract import BackwardCall, Epilogue, ForwardCall
 from .distributed import all_reduce_sum_, group_from_name
 from .layout import accumulation_dtype, channel_view, empty_output_like
 
+ONE_VALUE_MESSAGE = (
+    "Expected more than 1 value per channel when training, got 1 value per channel "
+    "in the global batch (local input shape {shape})"
+)
+
 
 def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``call.input`` ``(N, C, *)`` -> ``(output, mean, invstd, count)``.
@@ -37,18 +42,25 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if not call.use_batch_stats:
         mean, invstd = ops.normalize(x, output_view, call.weight, call.bias, None, running, call.eps, epilogue)
         return output, mean, invstd, torch.empty(0, dtype=torch.float64, device=input.device)
+    group = group_from_name(call.group_name)
+    if (
+        group is None and ops is torch_path and not call.check_finite
+        and torch_path.unsynchronized_forward_serves(x, running)
+    ):  # fmt: skip
+        if x.shape[0] * x.shape[2] == 1:
+            raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
+        mean, invstd, count = torch_path.unsynchronized_forward(
+            x, output_view, call.weight, call.bias, running, call.eps, epilogue
+        )
+        return output, mean, invstd, count
     stats = ops.partial_stats(x)
     local_stats = stats.clone() if call.check_finite else None
-    group = group_from_name(call.group_name)
     if group is not None:
         all_reduce_sum_(stats, group)
     if local_stats is not None:
         _raise_if_not_finite(stats, local_stats, input.shape)
     if _global_batch_has_one_value(x, stats, group is not None):
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got 1 value per channel "
-            f"in the global batch (local input shape {tuple(input.shape)})"
-        )
+        raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
     # normalize increments num_batches_tracked itself, on the device, in the same launch.
     mean, invstd = ops.normalize(x, output_view, call.weight, call.bias, stats, running, call.eps, epilogue)
     return output, mean, invstd, stats[0]
