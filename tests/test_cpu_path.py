@@ -254,18 +254,18 @@ UNSYNCHRONIZED = [
     Case(batches=(4,), tail=(5, 9), dtype=torch.float64, param_dtype=torch.float64, activation="silu", residual="same"),
     Case(batches=(3,), tail=(4, 5, 5), residual="same"),  # identity activation: dresidual is dy
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float64, activation="relu"),  # float32 weight: two stages
-    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, residual="same"),  # no activation: one call
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, residual="same"),  # no activation
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, residual="same", channels_last=True),
-    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # float32 slices
-    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="relu"),  # float32 slices
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # z in float32
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="relu"),
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, param_dtype=torch.float16, residual="same"),  # fp16 weight
     Case(batches=(4,), tail=(6,), dtype=torch.bfloat16, activation="relu", track_running_stats=False),
 ]
-# Whether the backward is one ATen call; the forward's statistics are one ATen call in every case
-# whose running statistics are in the accumulation dtype (not float64 input with float32 ones,
-# nor fp16 ones).
-SERVED = [True, True, True, True, True, True, False, True, True, False, False, False, False]
-FORWARD_SERVED = [True] * 6 + [False] + [True] * 4 + [False, True]
+# Whether the backward runs on ATen's whole-batch BatchNorm backward (where the weight is in the
+# accumulation dtype), and whether the forward's statistics are one ATen call (where the running
+# statistics are): neither for float64 input with float32 parameters, nor for fp16 parameters.
+SERVED = [True] * 6 + [False] + [True] * 4 + [False, True]
+FORWARD_SERVED = SERVED
 
 
 @pytest.mark.parametrize(

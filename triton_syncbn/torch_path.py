@@ -15,8 +15,8 @@ fused activation on bf16/fp16 recomputes z and act'(z) in float32; bf16/fp16 inp
 summed in float32) it is made a slice at a time, in buffers of at most an eighth of the tensor
 (or 64K elements) reused across slices.
 With nothing to synchronize (one process), the forward's statistics and running-statistics
-update are one ``batch_norm_update_stats`` (``unsynchronized_forward``), and (float32/float64, or
-bf16/fp16 without an activation) the backward is instead one ``native_batch_norm_backward`` for every gradient
+update are one ``batch_norm_update_stats`` (``unsynchronized_forward``), and the backward's
+gradients come from ATen's ``native_batch_norm_backward`` on the whole batch
 (``unsynchronized_backward``, called by ``stages.backward``): the local sums are the global ones.
 (A plain layer in that case never gets here: ``functional`` runs ``torch.batch_norm`` itself.)
 They accept ``[N, C, S, 1]`` views of the ``[N, C, S]`` channel views in both layouts: a
@@ -405,20 +405,13 @@ def backward_reduce(
     return sums, grad_weight, grad_bias
 
 
-def unsynchronized_backward_serves(
-    x: torch.Tensor, weight: torch.Tensor | None, saved: SavedStatistics, epilogue: Epilogue
-) -> bool:
+def unsynchronized_backward_serves(x: torch.Tensor, weight: torch.Tensor | None, saved: SavedStatistics) -> bool:
     """Whether ``unsynchronized_backward`` can take a backward with nothing to synchronize:
     batch statistics, a non-empty ``[N, C, S]`` view of a contiguous or channels_last input (the
-    layouts ATen returns its gradient in), a weight of the accumulation dtype, and float32/float64
-    input, or bf16/fp16 without a fused activation. A bf16/fp16 activation keeps the two-stage
-    path: its ``act'(z)`` on z rounded to bf16 (what ATen would be given) flips ReLU masks wherever
-    |z| is within rounding of 0, ~3% relative error in every gradient at 16 x 32 x 28 x 28, where
-    the float32 slices of the two-stage path are at bf16 round-off (1.7e-3 dx, 2e-7 weight)."""
-    low_precision_activation = x.dtype != saved.mean.dtype and epilogue.activation != ACTIVATION_CODES["identity"]
+    layouts ATen returns its gradient in), and a weight of the accumulation dtype (what ATen's
+    backward takes with bf16/fp16 input)."""
     return (
         saved.batch_stats
-        and not low_precision_activation
         and (weight is None or weight.dtype == saved.mean.dtype)
         and x.shape[0] * x.shape[2] > 0
         and (x.is_contiguous() or _four_d(x).is_contiguous(memory_format=torch.channels_last))
@@ -443,9 +436,20 @@ def unsynchronized_backward(
     input, weight and bias gradients in one call, as torch's BatchNorm backward: one pass over
     (dy, x) for the sums and one for dx, instead of a reduce pass and two dx passes.
 
+    A fused activation on bf16/fp16 input computes ``dy * act'(z)`` from z in float32, a slice
+    at a time, as the two-stage path does (z rounded to bf16 would flip ReLU masks wherever |z|
+    is within rounding of 0: ~3% error in every gradient at 16 x 32 x 28 x 28), sums it in
+    float32 for the weight and bias gradients, and rounds it once into a buffer of the input's
+    dtype (the residual's gradient, when wanted) from which ATen computes the input gradient, as
+    torch's BatchNorm backward does from the bf16 gradient its activation hands it.
+
     Returns ``(grad_input [N, C, S], grad_weight, grad_bias)``, each None where not asked for;
     ATen allocates the input gradient in x's layout (plus one transient temporary of x's size).
     """
+    if _sliced_activation(x, epilogue):
+        return _unsynchronized_low_precision_activation_backward(
+            grad_out, x, weight, bias, saved, epilogue, need_input, grad_residual, weight_grad_dtype, bias_grad_dtype
+        )
     dy = _grad_before_activation(grad_out, x, saved.mean, saved.invstd, weight, bias, epilogue, buffer=grad_residual)
     if grad_residual is not None and dy is not grad_residual:
         grad_residual.copy_(dy)
@@ -458,6 +462,45 @@ def unsynchronized_backward(
     grad_input = None if grad_input is None else grad_input.view(x.shape)
     grad_weight = None if grad_weight is None else _as(grad_weight, weight_grad_dtype)
     grad_bias = None if grad_bias is None else _as(grad_bias, bias_grad_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def _unsynchronized_low_precision_activation_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    saved: SavedStatistics,
+    epilogue: Epilogue,
+    need_input: bool,
+    grad_residual: torch.Tensor | None,
+    weight_grad_dtype: torch.dtype | None,
+    bias_grad_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``unsynchronized_backward`` for a fused activation on bf16/fp16 input (see there)."""
+    mean, invstd = saved.mean, saved.invstd
+    grad = grad_residual
+    if need_input and (grad is None or grad.stride() != x.stride()):
+        grad = torch.empty_like(x)
+    totals = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
+    for rows, grad_slice, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
+        _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
+            _four_d(grad_slice), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+        )
+        totals[0] += sum_dy
+        totals[1] += sum_dy_xhat
+        if grad is not None:
+            grad[rows].copy_(grad_slice)
+    if grad_residual is not None and grad is not grad_residual:
+        grad_residual.copy_(grad)
+    grad_input = None
+    if need_input:
+        grad_input, _, _ = _aten.native_batch_norm_backward(
+            _four_d(grad), _four_d(x), weight, None, None, mean, invstd, True, 0.0, [True, False, False]
+        )
+        grad_input = grad_input.view(x.shape)
+    grad_weight = None if weight_grad_dtype is None else totals[1].to(weight_grad_dtype)
+    grad_bias = None if bias_grad_dtype is None else totals[0].to(bias_grad_dtype)
     return grad_input, grad_weight, grad_bias
 
 
