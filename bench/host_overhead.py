@@ -1,6 +1,7 @@
 """Host-side cost per call: how long the CPU takes to issue one forward / backward, ours and torch's.
 
     python bench/host_overhead.py [--shape 2 16 4 4] [--calls 300] [--profile] [--device cuda]
+    python bench/host_overhead.py --record-launches   # CPU: our Triton path's host work alone
 
 On a GPU a layer whose host work outlasts its kernels leaves the GPU idle: the benchmark then
 measures the host, not the kernels. With a tiny input (kernels of a few microseconds) the time
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import sys
 import time
@@ -47,8 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true", help="cProfile ours (forward + backward)")
+    parser.add_argument(
+        "--record-launches", action="store_true",
+        help="CPU: time our Triton path's host work with the kernel launches recorded, not run "
+        "(Triton's interpreter mode, an H200's program target); Triton's own launch cost excluded",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.record_launches:
+        if "triton" in sys.modules:
+            parser.error("--record-launches must set TRITON_INTERPRET before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.device = "cpu"
     import triton_syncbn
+
+    recorded = record_launches() if args.record_launches else None
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -85,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.device}, input {tuple(args.shape)}, {args.calls} calls per round, torch {torch.__version__}")
     for name, function in cases.items():
         print(f"{name:28} {per_call_us(function, args.calls, device):8.1f} us per call", flush=True)
+    if recorded is not None:
+        recorded.clear()
+        ours_step()
+        print("launches per step: " + ", ".join(recorded) + " (recorded, not run)")
     if args.profile:
         profile_step(ours_step, args.calls, backward_on_its_own_thread=device.type == "cuda")
     return 0
@@ -129,6 +147,20 @@ def profile_step(step: Callable[[], None], calls: int, backward_on_its_own_threa
         print(text.getvalue())
     if backward_on_its_own_thread:
         print(f"our backward stage: {backward_seconds[0] / calls * 1e6:.1f} us per call (profiled)")
+
+
+def record_launches() -> list[str]:
+    """Make the launchers' default dispatch record launches instead of running them, aiming at
+    an H200's programs: the host path is then everything but Triton's launcher. (The default
+    dispatch is a frozen module-level value the launchers' defaults are bound to; this tool
+    alone rewrites it, for the rest of its process.) Returns the list the kernel names go to."""
+    from triton_syncbn import launchers
+
+    recorded: list[str] = []
+    dispatch = launchers._DEFAULT_DISPATCH
+    object.__setattr__(dispatch, "launch", lambda kernel, grid, args, kwargs: recorded.append(kernel.fn.__name__))
+    object.__setattr__(dispatch, "programs", launchers.PROGRAMS_PER_SM * 132)
+    return recorded
 
 
 def empty_triton_launch(device: torch.device) -> Callable[[], None]:

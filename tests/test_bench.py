@@ -172,3 +172,13 @@ def test_benchmark_interpreter_mode(tmp_path: Path) -> None:
 def test_numerics_report_meets_its_bounds() -> None:
     result = run("bench/numerics.py")
     assert "| mean = 2e4, std = 2 | running_var |" in result.stdout
+
+
+def test_host_overhead_records_launches_on_cpu() -> None:
+    """``--record-launches`` times our Triton path's host work with the 4 launches of a step
+    recorded (partial_stats, normalize, backward_reduce, backward_dx), not run."""
+    result = run("bench/host_overhead.py", "--record-launches", "--calls", "3", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "ours forward " in result.stdout and "ours forward+backward " in result.stdout, result.stdout
+    kernels = "_partial_stats_kernel, _normalize_kernel, _backward_reduce_kernel, _backward_dx_kernel"
+    assert f"launches per step: {kernels} (recorded, not run)" in result.stdout, result.stdout
