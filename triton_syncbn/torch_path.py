@@ -477,31 +477,37 @@ def _unsynchronized_low_precision_activation_backward(
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``unsynchronized_backward`` for a fused activation on bf16/fp16 input (see there)."""
+    """``unsynchronized_backward`` for a fused activation on bf16/fp16 input (see there). ReLU's
+    ``dy * act'(z)`` is dy or 0, exact in bf16, so ATen's backward makes the weight and bias
+    gradients from it too; other activations' are summed in float32 before rounding."""
     mean, invstd = saved.mean, saved.invstd
+    exact = epilogue.activation == ACTIVATION_CODES["relu"]
     grad = grad_residual
-    if need_input and (grad is None or grad.stride() != x.stride()):
+    if (need_input or exact) and (grad is None or grad.stride() != x.stride()):
         grad = torch.empty_like(x)
-    totals = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
+    totals = None if exact else torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
     for rows, grad_slice, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
-        _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
-            _four_d(grad_slice), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
-        )
-        totals[0] += sum_dy
-        totals[1] += sum_dy_xhat
+        if totals is not None:
+            _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
+                _four_d(grad_slice), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+            )
+            totals[0] += sum_dy
+            totals[1] += sum_dy_xhat
         if grad is not None:
             grad[rows].copy_(grad_slice)
     if grad_residual is not None and grad is not grad_residual:
         grad_residual.copy_(grad)
-    grad_input = None
-    if need_input:
-        grad_input, _, _ = _aten.native_batch_norm_backward(
-            _four_d(grad), _four_d(x), weight, None, None, mean, invstd, True, 0.0, [True, False, False]
+    mask = [need_input, exact and weight_grad_dtype is not None, exact and bias_grad_dtype is not None]
+    grad_input = grad_weight = grad_bias = None
+    if any(mask):
+        grad_input, grad_weight, grad_bias = _aten.native_batch_norm_backward(
+            _four_d(grad), _four_d(x), weight, None, None, mean, invstd, True, 0.0, mask
         )
-        grad_input = grad_input.view(x.shape)
-    grad_weight = None if weight_grad_dtype is None else totals[1].to(weight_grad_dtype)
-    grad_bias = None if bias_grad_dtype is None else totals[0].to(bias_grad_dtype)
-    return grad_input, grad_weight, grad_bias
+        grad_input = None if grad_input is None else grad_input.view(x.shape)
+    if totals is not None:
+        grad_weight = None if weight_grad_dtype is None else totals[1].to(weight_grad_dtype)
+        grad_bias = None if bias_grad_dtype is None else totals[0].to(bias_grad_dtype)
+    return grad_input, _as(grad_weight, weight_grad_dtype), _as(grad_bias, bias_grad_dtype)
 
 
 def _input_grad_terms(
