@@ -162,16 +162,17 @@ def _aten_batch_norm_serves(
     group: dist.ProcessGroup | None,
     check_finite: bool,
 ) -> bool:
-    """Whether this call is exactly ``torch.batch_norm`` on a CPU tensor that the plain-torch
-    backend serves (not Triton's interpreter), so ATen's own
-    autograd-aware batch norm runs it (as ``torch.nn.SyncBatchNorm`` runs ``F.batch_norm`` when
-    there is nothing to synchronize): no group, no fused epilogue, no finite check, a non-empty
-    dense input (contiguous or channels_last), per-channel tensors of a dtype ATen's CPU kernel
-    takes (the input's, or float32 for bf16/fp16 input), running statistics that need no
-    gradient, and not while compiling or under a torch.func/forward-AD transform (where our
-    Function's behaviour, documented and tested, holds). The result is the same function (the
-    global batch is the local one); only the per-call cost differs (~40 small ops fewer), and
-    ATen's backward makes one transient temporary of the input's size, as torch's BatchNorm does."""
+    """Whether this call is exactly ``torch.batch_norm`` on a CPU tensor of the plain-torch backend
+    (not Triton's interpreter), so that ATen's own autograd-aware batch norm runs it, as
+    ``torch.nn.SyncBatchNorm`` runs ``F.batch_norm`` when there is nothing to synchronize.
+
+    Needs: no group, no fused epilogue, no finite check, a non-empty dense input (contiguous or
+    channels_last), per-channel tensors of a dtype ATen's CPU kernel takes (the input's, or
+    float32 for bf16/fp16 input), running statistics that need no gradient, and neither
+    compiling nor a torch.func/forward-AD transform (where our Function's documented, tested
+    behaviour holds). The result is the same function (the global batch is the local one); only
+    the per-call cost differs (~40 small ops fewer), and ATen's backward makes one transient
+    temporary of the input's size, as torch's BatchNorm does."""
     if kernel_backend(input) is not torch_path or group is not None or check_finite or fused.residual is not None:
         return False
     if torch.compiler.is_compiling() or _transform_active():
@@ -202,7 +203,8 @@ def _aten_batch_norm(
     eps: float,
 ) -> torch.Tensor:
     """``torch.batch_norm`` with ``RunningStats``' update rule (``input`` ``(N, C, *)``; output of
-    its shape, dtype and memory format). Raises torch's error for 1 value per channel in training."""
+    its shape, dtype and memory format). One value per channel in training raises the error the
+    composed path raises (before any buffer changes)."""
     if use_batch_stats and input.numel() == input.shape[1]:
         raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
     momentum = 0.0

@@ -4,6 +4,9 @@
 statistics update); ``backward`` is: gradient sums -> one all-reduce (only when the input needs
 a gradient) -> input (and residual) gradient. Both run eagerly from the autograd Function and,
 under ``torch.compile``, behind the opaque custom ops of ``ops.py``: one implementation either way.
+On the CPU path with nothing to synchronize, the local batch is the global one: ``torch_path``'s
+``unsynchronized_forward``/``unsynchronized_backward`` then run each direction on ATen's own
+BatchNorm kernels (statistics and running update in one call; every gradient from one backward).
 """
 
 from __future__ import annotations
