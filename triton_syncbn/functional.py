@@ -15,7 +15,7 @@ from .backend import kernel_backend
 from .contract import Epilogue, ForwardCall, RunningStats
 from .distributed import group_name, sync_group
 from .function import function_for_this_call
-from .stages import ONE_VALUE_MESSAGE
+from .stages import one_value_per_channel_error
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -206,16 +206,13 @@ def _aten_batch_norm(
     its shape, dtype and memory format). One value per channel in training raises the error the
     composed path raises (before any buffer changes)."""
     if use_batch_stats and input.numel() == input.shape[1]:
-        raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
+        raise one_value_per_channel_error(input.shape)
     momentum = 0.0
     running_mean = running_var = None
     if running is not None:
         running_mean, running_var = running.mean, running.var
-        counter = running.num_batches_tracked
-        if use_batch_stats and counter is not None:
-            counter.add_(1)
         if use_batch_stats:
-            momentum = 1.0 / float(counter) if running.cumulative else running.momentum
+            momentum = torch_path.count_batch(running)
     return torch.batch_norm(
         input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, torch.backends.cudnn.enabled
     )

@@ -21,10 +21,14 @@ from .contract import BackwardCall, Epilogue, ForwardCall
 from .distributed import all_reduce_sum_, group_from_name
 from .layout import accumulation_dtype, channel_view, empty_output_like
 
-ONE_VALUE_MESSAGE = (
-    "Expected more than 1 value per channel when training, got 1 value per channel "
-    "in the global batch (local input shape {shape})"
-)
+
+def one_value_per_channel_error(shape: torch.Size) -> ValueError:
+    """torch's error for a training batch of exactly 1 value per channel, over the global batch
+    (``shape``: the local input's)."""
+    return ValueError(
+        "Expected more than 1 value per channel when training, got 1 value per channel "
+        f"in the global batch (local input shape {tuple(shape)})"
+    )
 
 
 def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,8 +54,8 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         group is None and ops is torch_path and not call.check_finite
         and torch_path.unsynchronized_forward_serves(x, running)
     ):  # fmt: skip
-        if x.shape[0] * x.shape[2] == 1:
-            raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
+        if _global_batch_has_one_value(x, None, synchronized=False):
+            raise one_value_per_channel_error(input.shape)
         mean, invstd, count = torch_path.unsynchronized_forward(
             x, output_view, call.weight, call.bias, running, call.eps, epilogue
         )
@@ -63,7 +67,7 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if local_stats is not None:
         _raise_if_not_finite(stats, local_stats, input.shape)
     if _global_batch_has_one_value(x, stats, group is not None):
-        raise ValueError(ONE_VALUE_MESSAGE.format(shape=tuple(input.shape)))
+        raise one_value_per_channel_error(input.shape)
     # normalize increments num_batches_tracked itself, on the device, in the same launch.
     mean, invstd = ops.normalize(x, output_view, call.weight, call.bias, stats, running, call.eps, epilogue)
     return output, mean, invstd, stats[0]
@@ -87,10 +91,11 @@ def _raise_if_not_finite(stats: torch.Tensor, local_stats: torch.Tensor, shape: 
         )
 
 
-def _global_batch_has_one_value(x: torch.Tensor, stats: torch.Tensor, synchronized: bool) -> bool:
+def _global_batch_has_one_value(x: torch.Tensor, stats: torch.Tensor | None, synchronized: bool) -> bool:
     """Whether the global batch has exactly 1 value per channel (torch rejects that in training).
 
-    Without synchronization the local count is the global one: no device read. Synchronized,
+    Without synchronization the local count is the global one: no device read (``stats`` may be
+    None then). Synchronized,
     only a rank with <= 1 local value per channel can be part of such a batch, so only such a
     rank reads the global count back (a host sync in that degenerate case alone), and not while
     a CUDA graph is being captured, where a read is impossible and the check is skipped.

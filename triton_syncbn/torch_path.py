@@ -187,6 +187,15 @@ def partial_stats(x: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def count_batch(running: RunningStats) -> float:
+    """Count one training call: increment ``num_batches_tracked`` (when tracked) and return this
+    call's factor of ``RunningStats``' rule (``momentum``, or ``1 / num_batches_tracked`` after
+    the increment for the cumulative average). A CPU counter: reading it costs no sync."""
+    if running.num_batches_tracked is not None:
+        running.num_batches_tracked.add_(1)
+    return 1.0 / float(running.num_batches_tracked) if running.cumulative else running.momentum
+
+
 def _finalize(stats: torch.Tensor, running: RunningStats | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Global float64 ``(mean, invstd)`` from the all-reduced sums; running statistics updated
     (``momentum=None``: the cumulative average) and ``num_batches_tracked`` incremented.
@@ -202,11 +211,9 @@ def _finalize(stats: torch.Tensor, running: RunningStats | None, eps: float) -> 
     invstd64 = torch.mul(m2, inv_count).add_(eps).rsqrt_()
     if running is None:
         return mean64, invstd64
-    if running.num_batches_tracked is not None:
-        running.num_batches_tracked.add_(1)
+    factor = count_batch(running)
     # An all-empty global batch (count 0) leaves the running statistics as they are.
     if count > 0:
-        factor = 1.0 / float(running.num_batches_tracked) if running.cumulative else running.momentum
         running.mean.lerp_(mean64.to(running.mean.dtype), factor)
         running.var.lerp_(torch.mul(m2, 1.0 / max(count - 1.0, 1.0)).to(running.var.dtype), factor)
     return mean64, invstd64
@@ -271,9 +278,7 @@ def unsynchronized_forward(
     running_mean = running_var = None
     if running is not None:
         running_mean, running_var = running.mean, running.var
-        if running.num_batches_tracked is not None:
-            running.num_batches_tracked.add_(1)
-        factor = 1.0 / float(running.num_batches_tracked) if running.cumulative else running.momentum
+        factor = count_batch(running)
     elif acc_dtype != x.dtype:  # float32 moments for bf16/fp16 input (see partial_stats)
         running_mean = running_var = x.new_zeros(channels, dtype=acc_dtype)
     mean, var = torch.batch_norm_update_stats(_four_d(x), running_mean, running_var, factor)
@@ -361,6 +366,35 @@ class _SliceBuffers:
         return [flat[: like.numel()].as_strided(like.shape, strides) for flat in self.flat]
 
 
+def _channel_sums(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum(dy), sum(dy * xhat))`` ``[C]`` of ``[N, C, S]`` views in one pass: ATen's BatchNorm
+    backward asked for the weight and bias gradients only."""
+    _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
+        _four_d(dy), _four_d(x), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+    )
+    return sum_dy, sum_dy_xhat
+
+
+def _sliced_channel_sums(
+    slices: Iterator[tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]],
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    grad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 ``[2, C]`` ``(sum(dy), sum(dy * xhat))`` over ``_activation_grad_slices``' float32
+    slices; each slice's ``dy`` is also rounded into ``grad[rows]`` when ``grad`` is given."""
+    totals = torch.zeros(2, mean.shape[0], dtype=torch.float64, device=mean.device)
+    for rows, dy, source in slices:
+        sum_dy, sum_dy_xhat = _channel_sums(dy, source, mean, invstd)
+        totals[0] += sum_dy
+        totals[1] += sum_dy_xhat
+        if grad is not None:
+            grad[rows].copy_(dy)
+    return totals
+
+
 def backward_reduce(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -382,19 +416,11 @@ def backward_reduce(
     if x.shape[0] * x.shape[2] == 0:
         sums = torch.zeros(2, channels, dtype=acc_dtype, device=x.device)
     elif _sliced_activation(x, epilogue):
-        totals = torch.zeros(2, channels, dtype=torch.float64, device=x.device)
-        for _, dy, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
-            _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
-                _four_d(dy), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
-            )
-            totals[0] += sum_dy
-            totals[1] += sum_dy_xhat
-        sums = totals.to(acc_dtype)
+        slices = _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue)
+        sums = _sliced_channel_sums(slices, mean, invstd).to(acc_dtype)
     else:
         dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue)
-        _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
-            _four_d(dy), _four_d(x), None, None, None, mean, invstd, True, 0.0, [False, True, True]
-        )
+        sum_dy, sum_dy_xhat = _channel_sums(dy, x, mean, invstd)
         # ``sums`` is a new tensor (the caller all-reduces it in place); the gradients are ATen's.
         sums = torch.stack((sum_dy, sum_dy_xhat))
         grad_weight = None if weight_grad_dtype is None else _as(sum_dy_xhat, weight_grad_dtype)
@@ -446,67 +472,36 @@ def unsynchronized_backward(
     Returns ``(grad_input [N, C, S], grad_weight, grad_bias)``, each None where not asked for;
     ATen allocates the input gradient in x's layout (plus one transient temporary of x's size).
     """
+    mean, invstd = saved.mean, saved.invstd
+    totals = None
     if _sliced_activation(x, epilogue):
-        return _unsynchronized_low_precision_activation_backward(
-            grad_out, x, weight, bias, saved, epilogue, need_input, grad_residual, weight_grad_dtype, bias_grad_dtype
-        )
-    dy = _grad_before_activation(grad_out, x, saved.mean, saved.invstd, weight, bias, epilogue, buffer=grad_residual)
+        # ReLU's dy * act'(z) is dy or 0, exact in bf16: ATen's backward makes the weight and bias
+        # gradients from the rounded buffer too. Other activations' are summed in float32 first.
+        exact = epilogue.activation == ACTIVATION_CODES["relu"]
+        dy = grad_residual
+        if (need_input or exact) and (dy is None or dy.stride() != x.stride()):
+            dy = torch.empty_like(x)
+        slices = _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue)
+        if exact:
+            for rows, grad_slice, _ in slices:
+                dy[rows].copy_(grad_slice)
+        else:
+            totals = _sliced_channel_sums(slices, mean, invstd, grad=dy)
+    else:
+        dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue, buffer=grad_residual)
     if grad_residual is not None and dy is not grad_residual:
         grad_residual.copy_(dy)
-    mask = [need_input, weight_grad_dtype is not None, bias_grad_dtype is not None]
-    if not any(mask):
-        return None, None, None
-    grad_input, grad_weight, grad_bias = _aten.native_batch_norm_backward(
-        _four_d(dy), _four_d(x), weight, None, None, saved.mean, saved.invstd, True, 0.0, mask
-    )
-    grad_input = None if grad_input is None else grad_input.view(x.shape)
-    grad_weight = None if grad_weight is None else _as(grad_weight, weight_grad_dtype)
-    grad_bias = None if grad_bias is None else _as(grad_bias, bias_grad_dtype)
-    return grad_input, grad_weight, grad_bias
-
-
-def _unsynchronized_low_precision_activation_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    saved: SavedStatistics,
-    epilogue: Epilogue,
-    need_input: bool,
-    grad_residual: torch.Tensor | None,
-    weight_grad_dtype: torch.dtype | None,
-    bias_grad_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``unsynchronized_backward`` for a fused activation on bf16/fp16 input (see there). ReLU's
-    ``dy * act'(z)`` is dy or 0, exact in bf16, so ATen's backward makes the weight and bias
-    gradients from it too; other activations' are summed in float32 before rounding."""
-    mean, invstd = saved.mean, saved.invstd
-    exact = epilogue.activation == ACTIVATION_CODES["relu"]
-    grad = grad_residual
-    if (need_input or exact) and (grad is None or grad.stride() != x.stride()):
-        grad = torch.empty_like(x)
-    totals = None if exact else torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
-    for rows, grad_slice, source in _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue):
-        if totals is not None:
-            _, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
-                _four_d(grad_slice), _four_d(source), None, None, None, mean, invstd, True, 0.0, [False, True, True]
-            )
-            totals[0] += sum_dy
-            totals[1] += sum_dy_xhat
-        if grad is not None:
-            grad[rows].copy_(grad_slice)
-    if grad_residual is not None and grad is not grad_residual:
-        grad_residual.copy_(grad)
-    mask = [need_input, exact and weight_grad_dtype is not None, exact and bias_grad_dtype is not None]
+    from_aten = totals is None
+    mask = [need_input, from_aten and weight_grad_dtype is not None, from_aten and bias_grad_dtype is not None]
     grad_input = grad_weight = grad_bias = None
     if any(mask):
         grad_input, grad_weight, grad_bias = _aten.native_batch_norm_backward(
-            _four_d(grad), _four_d(x), weight, None, None, mean, invstd, True, 0.0, mask
+            _four_d(dy), _four_d(x), weight, None, None, mean, invstd, True, 0.0, mask
         )
         grad_input = None if grad_input is None else grad_input.view(x.shape)
     if totals is not None:
-        grad_weight = None if weight_grad_dtype is None else totals[1].to(weight_grad_dtype)
-        grad_bias = None if bias_grad_dtype is None else totals[0].to(bias_grad_dtype)
+        grad_weight = None if weight_grad_dtype is None else totals[1]
+        grad_bias = None if bias_grad_dtype is None else totals[0]
     return grad_input, _as(grad_weight, weight_grad_dtype), _as(grad_bias, bias_grad_dtype)
 
 
