@@ -34,31 +34,37 @@ from .indexing import (
 
 @triton.jit
 def _batch_moments(stats_ptr, channels, channel_mask, C, SHARED_COUNT: tl.constexpr):
-    """float64 ``(count, mean, M2)`` ``[BLOCK_C]`` from the packed global statistics.
+    """float64 ``(count, mean, M2, var)`` ``[BLOCK_C]`` from the packed global statistics
+    (``var = M2 / count``, the biased variance that normalizes).
 
     ``SHARED_COUNT`` (blocks of several channels): every channel has the same count, so one
     reciprocal of channel 0's count serves them all. A float64 division is a ~40-instruction
-    subroutine; one per channel held by a thread (8 for channels_last bf16) raised the normalize
-    kernel to 111 registers, where this takes 88 (sm_90). One channel per program keeps the
-    division (the reciprocal cost it 5 more registers there)."""
+    subroutine; two per channel held by a thread (8 channels for channels_last bf16) raised the
+    normalize kernel to 111 registers, where this takes 94 (sm_90). One channel per program keeps
+    the divisions (the reciprocal cost it 5 more registers there)."""
     total = tl.load(stats_ptr + C + channels, mask=channel_mask, other=0.0)
     total_sq = tl.load(stats_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
     if SHARED_COUNT:
         count = tl.load(stats_ptr) + tl.zeros_like(total)
-        mean = total * (1.0 / tl.maximum(tl.load(stats_ptr), 1.0))
+        inverse_count = 1.0 / tl.maximum(tl.load(stats_ptr), 1.0)
+        mean = total * inverse_count
     else:
         count = tl.load(stats_ptr + channels, mask=channel_mask, other=0.0)
         mean = total / tl.maximum(count, 1.0)
     # Clamp rounding below zero, but keep NaN (Inf or NaN in the channel): tl.maximum drops it.
     m2 = total_sq - total * mean
     m2 = tl.where(m2 < 0.0, 0.0, m2)
-    return count, mean, m2
+    if SHARED_COUNT:
+        var = m2 * inverse_count
+    else:
+        var = m2 / tl.maximum(count, 1.0)
+    return count, mean, m2, var
 
 
 @triton.jit
 def _update_channels(stats_ptr, running_mean_ptr, running_var_ptr, channels, channel_mask, factor, C):
     """The momentum update of ``channels``' running statistics with the float64 ``factor``."""
-    count, mean, m2 = _batch_moments(stats_ptr, channels, channel_mask, C, False)
+    count, mean, m2, _ = _batch_moments(stats_ptr, channels, channel_mask, C, False)
     update = channel_mask & (count > 0.0)
     old_mean = tl.load(running_mean_ptr + channels, mask=update, other=0.0).to(tl.float64)
     old_var = tl.load(running_var_ptr + channels, mask=update, other=0.0).to(tl.float64)
@@ -160,12 +166,9 @@ def _normalize_kernel(
     negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
 
     if BATCH_STATS:
-        count, mean64, m2 = _batch_moments(stats_ptr, channels, channel_mask, C, BLOCK_C > 1)
+        _, mean64, _, var = _batch_moments(stats_ptr, channels, channel_mask, C, BLOCK_C > 1)
         mean = mean64.to(ACC_DTYPE)
-        if BLOCK_C > 1:
-            invstd = (1.0 / tl.sqrt(m2 * (1.0 / tl.maximum(tl.load(stats_ptr), 1.0)) + eps)).to(ACC_DTYPE)
-        else:
-            invstd = (1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)).to(ACC_DTYPE)
+        invstd = (1.0 / tl.sqrt(var + eps)).to(ACC_DTYPE)
         _update_running_stats(
             stats_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, momentum, C, channels, channel_mask,
             CUMULATIVE,
