@@ -154,7 +154,8 @@ def training_step_launches(
     residual_view = channel_view(torch.empty_like(x)) if residual else None
     epilogue = Epilogue(residual_view, activation, 0.01)
     options = {"tiling": tiling, "dispatch": dispatch}
-    stats = launchers.partial_stats(view, **options)
+    tickets = launchers.new_merge_tickets(channels, x.device)  # the module's, made once per device
+    stats = launchers.partial_stats(view, tickets, **options)
     _, out = empty_output_like(x)
     running = RunningStats(per_channel, per_channel, counter, 0.1)
     mean, invstd = launchers.normalize(view, out, per_channel, per_channel, stats, running, 1e-5, epilogue, **options)
@@ -162,7 +163,7 @@ def training_step_launches(
     launches.clear()
     saved = SavedStatistics(mean, invstd, stats[0])
     sums, _, _ = launchers.backward_reduce(
-        view, view, per_channel, per_channel, saved, epilogue, torch.float32, torch.float32, **options
+        view, view, per_channel, per_channel, saved, epilogue, torch.float32, torch.float32, tickets, **options
     )
     _, grad_in = empty_output_like(x)
     grad_residual = channel_view(torch.empty_like(x)) if residual else None

@@ -9,7 +9,9 @@ so the check compiles exactly what would run) it asserts:
 - 128-bit global loads (or 16-byte cp.async copies, where the loop is pipelined) and stores in
   the streaming kernels for 16-byte aligned inputs, in both
   the contiguous and the channels_last layout,
-- 64-bit lane offsets (``INT64``) when the tensor can have 2**31 elements or more, and none below.
+- 64-bit lane offsets (``INT64``) when the tensor can have 2**31 elements or more, and none below,
+- in split reductions, the in-kernel merge's ordering (``kernels/merge.py``): a CTA barrier
+  before the ticket, the ticket an ``atom.global.gpu.acq_rel``, the merge's loads ``ld.global.cg``.
 Launches are recorded for an H200-sized grid (132 SMs x ``launchers.PROGRAMS_PER_SM``). Speed (instructions per
 byte, loads in flight, grids) is ``bench/perf_model.py``'s job. Exit status 0 when every check
 holds.
@@ -104,11 +106,32 @@ def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
             ):
                 if not re.search(r"st\.global(\.\w+)*\.(v4\.b32|v2\.b64)", ptx):
                     failures.append("no 128-bit global stores")
+            failures += merge_ordering_failures(launch, ptx)
             wide = bool(launch.kwargs["INT64"])
             if spec.expect_int64 != wide:
                 failures.append("64-bit indexing expected" if spec.expect_int64 else "needless 64-bit indexing")
         results.append((label, failures))
     return results
+
+
+def merge_ordering_failures(launch: KernelLaunch, ptx: str) -> list[str]:
+    """What is missing from a split reduction's merge ordering in its PTX (nothing for others):
+    every ticket must follow a CTA barrier that follows the last global store before it (the
+    partials), and the merge loads after the first ticket must bypass L1."""
+    values = dict(zip(launch.kernel.arg_names, launch.args, strict=False))
+    if "GROUP_SPLITS" not in launch.kwargs or values.get("num_splits", 1) <= 1:
+        return []
+    tickets = list(re.finditer(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx))
+    if not tickets:
+        return ["split merge: no acq_rel gpu-scope ticket"]
+    failures = []
+    for ticket in tickets:
+        before = ptx[: ticket.start()]
+        if "bar.sync" not in before[max(before.rfind("st.global"), 0) :]:
+            failures.append("split merge: no barrier between the partials' stores and a ticket")
+    if not re.search(r"ld\.global\.cg", ptx[tickets[0].end() :]):
+        failures.append("split merge: merge loads not ld.global.cg")
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:

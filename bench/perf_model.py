@@ -9,8 +9,9 @@ the exact launches the launchers make for one training forward and backward on t
 each for the GPU's architecture (``bench/codegen.py``), disassembles the cubin with the
 ``nvdisasm`` shipped in Triton's NVIDIA backend and reads, per kernel:
 
-- the main loop: the innermost backward branch whose body holds global loads; its SASS count
-  ``I`` and the bytes it loads and stores per thread ``B`` (LDG/STG widths);
+- the main loop: the innermost backward branch whose body holds global loads, other than the
+  split merge's (its loads are coherent, ``LDG.*.STRONG.GPU``); its SASS count ``I`` and the
+  bytes it loads and stores per thread ``B`` (LDG/STG widths);
 - registers and shared memory (``cuobjdump -res-usage``), hence resident programs per SM;
 - integer division (``I2F.*RP`` + ``MUFU.RCP``, the reciprocal sequence) and block-wide
   reductions (``BAR``/``SHFL``) inside that loop.
@@ -36,14 +37,18 @@ The formula (constants per GPU in ``GPUS``; one place):
         grid   full waves of r_max = occupancy-limited programs per SM run at min(f_i, f_m(r_max));
                the last partial wave at min(f_i, f_m(its programs per SM)) x min(1, programs / SMs)
     kernel fraction   f = waves / (full waves / f_full + partial wave / f_partial)   (= min(f_i, f_m, f_g))
-    direction time    T = sum_k bytes_k / (BW x f_k) + launches x launch_us + merge splits x merge_ns
+    merge steps       M = for a split reduction, the serial round trips of its in-kernel merge
+                          (kernels/merge.py): per level, one ticket (an acq_rel atomic) plus
+                          cdiv(rows, GROUP_SPLITS) steps of loads; 1 level, 2 with several groups
+                          (the separate merge kernels of older revisions: their loop's steps)
+    direction time    T = sum_k bytes_k / (BW x f_k) + launches x launch_us + M x merge_step_ns
     predicted fraction of copy bandwidth (actual traffic) = sum_k bytes_k / BW / T
 
 Checks (exit status 1 when any fails; the issue-12 targets): every streaming loop needs
 ``q <= 1.5``; no integer division in a main loop; where the tensor is >= 1 MB, ``F >= 48 KB``
 (or every byte the kernel loads, when that is less per SM: S2 bf16 holds 16 KB per SM in all)
-and ``programs / SMs >= 4`` for every streaming kernel; no serial merge over more than 64
-splits; at most 2 kernels per direction. Prints a table, writes ``model.csv`` and
+and ``programs / SMs >= 4`` for every streaming kernel; no merge of more than 64 serial steps;
+at most 2 kernels per direction. Prints a table, writes ``model.csv`` and
 ``model.png`` under ``--out`` and a short ``summary.md``.
 """
 
@@ -86,7 +91,7 @@ class Gpu:
     max_blocks: int = 32
     shared_bytes: int = 228 * 1024
     launch_us: float = 2.0  # per dependent kernel on the critical path: launch, ramp-up and drain
-    merge_step_ns: float = 1500.0  # per serial merge iteration: a dependent round trip (H200: ~1.5 us)
+    merge_step_ns: float = 1500.0  # per serial merge step or ticket: a dependent round trip (H200: ~1.5 us)
 
     @property
     def bytes_per_cycle(self) -> float:
@@ -108,7 +113,7 @@ MAX_ISSUE = 1.5
 MIN_IN_FLIGHT = 48 * 1024
 MIN_PROGRAMS_PER_SM = 4
 LARGE_TENSOR = 1 << 20
-MAX_MERGE_SPLITS = 64
+MAX_MERGE_STEPS = 64
 MAX_KERNELS = 2
 
 STREAMING = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
@@ -176,7 +181,8 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         target = _TARGET.search(operands)
         if opcode.startswith("BRA") and target and labels.get(target.group(1), index + 1) <= index:
             body = instructions[labels[target.group(1)] : index + 1]
-            if any(_is_global_load(op) for op, _ in body):
+            loads = [op for op, _ in body if _is_global_load(op)]
+            if loads and not all(".STRONG.GPU" in op for op in loads):  # not the split merge's loop
                 loops.append(body)
     body = min(loops, key=len) if loops else []
     opcodes = [op for op, _ in body]
@@ -245,7 +251,7 @@ class KernelFigures:
     utilization: float
     integer_division: bool
     block_reduction: bool
-    merge_splits: int
+    merge_steps: int  # serial round trips of the split merge (folded in, or a merge kernel's loop)
     traffic_mb: float
     fraction: float  # predicted fraction of copy bandwidth for this kernel
     failures: list[str] = field(default_factory=list)
@@ -269,6 +275,23 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
     return numel / lanes if lanes else 1.0
 
 
+def folded_merge_steps(launch: KernelLaunch) -> int:
+    """Serial round trips of a split reduction's in-kernel merge (``kernels/merge.py``): per
+    level one ticket and ``cdiv(rows, GROUP_SPLITS)`` load steps; 0 for an unsplit launch or a
+    kernel without one."""
+    if "GROUP_SPLITS" not in launch.kwargs:
+        return 0
+    splits = dict(zip(launch.kernel.arg_names, launch.args, strict=False))["num_splits"]
+    if splits <= 1:
+        return 0
+    group_splits = launch.kwargs["GROUP_SPLITS"]
+    groups = triton.cdiv(splits, group_splits)
+    steps = 2  # the group's ticket, its one step
+    if groups > 1:
+        steps += 1 + triton.cdiv(groups, group_splits)
+    return steps
+
+
 def kernel_figures(
     launch: KernelLaunch, label: dict[str, str], numel: int, element_bytes: int, gpu: Gpu
 ) -> KernelFigures:
@@ -281,13 +304,13 @@ def kernel_figures(
     failures: list[str] = []
     if launch.name in MERGES:
         splits = dict(zip(launch.kernel.arg_names, launch.args, strict=False))["num_splits"]
-        splits = triton.cdiv(splits, launch.kwargs.get("SPLIT_BLOCK", 1))  # serial steps of the merge loop
-        if splits > MAX_MERGE_SPLITS:
-            failures.append(f"serial merge of {splits} steps > {MAX_MERGE_SPLITS}")
+        steps = triton.cdiv(splits, launch.kwargs.get("SPLIT_BLOCK", 1))  # serial steps of the merge loop
+        if steps > MAX_MERGE_STEPS:
+            failures.append(f"serial merge of {steps} steps > {MAX_MERGE_STEPS}")
         return KernelFigures(
             **label, kernel=launch.name, grid=str(launch.grid), programs_per_sm=per_sm, registers=sass.registers,
             resident=resident, loop_sass=sass.loop_instructions, loop_bytes=0, issue_needed=0.0, in_flight_kb=0.0,
-            utilization=1.0, integer_division=False, block_reduction=False, merge_splits=splits, traffic_mb=0.0,
+            utilization=1.0, integer_division=False, block_reduction=False, merge_steps=steps, traffic_mb=0.0,
             fraction=1.0, failures=failures,
         )  # fmt: skip
     moved = sass.loop_load_bytes + sass.loop_store_bytes
@@ -309,6 +332,9 @@ def kernel_figures(
     rest_fraction *= min(1.0, rest_per_sm)  # SMs without a program idle
     wave_time = full / full_fraction + (rest / rest_fraction if rest > 0 else 0.0)
     fraction = waves / wave_time if wave_time > 0 else 1.0
+    merge_steps = folded_merge_steps(launch)
+    if merge_steps > MAX_MERGE_STEPS:
+        failures.append(f"serial merge of {merge_steps} steps > {MAX_MERGE_STEPS}")
     if issue > MAX_ISSUE:
         failures.append(f"issue {issue:.2f} > {MAX_ISSUE}")
     if sass.integer_division:
@@ -324,7 +350,7 @@ def kernel_figures(
         **label, kernel=launch.name, grid=str(launch.grid), programs_per_sm=per_sm, registers=sass.registers,
         resident=resident, loop_sass=sass.loop_instructions, loop_bytes=moved, issue_needed=issue,
         in_flight_kb=in_flight / 1024, utilization=utilization, integer_division=sass.integer_division,
-        block_reduction=sass.block_reduction, merge_splits=0, traffic_mb=traffic / 1e6, fraction=fraction,
+        block_reduction=sass.block_reduction, merge_steps=merge_steps, traffic_mb=traffic / 1e6, fraction=fraction,
         failures=failures,
     )  # fmt: skip
 
@@ -346,7 +372,7 @@ def direction_figures(rows: list[KernelFigures], gpu: Gpu) -> DirectionFigures:
     bandwidth = gpu.copy_tb_s * 1e12
     traffic = sum(row.traffic_mb * 1e6 for row in rows)
     time_s = sum(row.traffic_mb * 1e6 / (bandwidth * row.fraction) for row in rows if row.traffic_mb)
-    time_s += len(rows) * gpu.launch_us * 1e-6 + sum(row.merge_splits for row in rows) * gpu.merge_step_ns * 1e-9
+    time_s += len(rows) * gpu.launch_us * 1e-6 + sum(row.merge_steps for row in rows) * gpu.merge_step_ns * 1e-9
     failures = [f"{row.kernel}: {failure}" for row in rows for failure in row.failures]
     if len(rows) > MAX_KERNELS:
         failures.append(f"{len(rows)} kernels > {MAX_KERNELS}")

@@ -15,9 +15,9 @@ The reduce kernel keeps per-lane sums in registers (fp32; fp64 for fp64 input) a
 into float64 per-channel totals once every ``FLUSH_STEPS`` steps (one cross-thread reduction per
 32 steps: the issue cost of the reduction vanishes, and an fp32 lane never sums more than 32
 values, which keeps the gradients at torch's accuracy whatever the tensor size). Sums over a
-channel split across programs are float64 partials added by ``_combine_grad_sums_kernel`` in a
-fixed order (``SPLIT_BLOCK`` lanes, then one tree; no atomics), so gradients are bitwise
-reproducible. The dx kernel reduces nothing;
+channel split across programs are float64 partials that the last program of the channel block
+to finish adds in a fixed order (``kernels/merge.py``; no separate merge kernel), so gradients
+are bitwise reproducible. The dx kernel reduces nothing;
 launchers size its grid on their own.
 """
 
@@ -38,6 +38,7 @@ from .indexing import (
     to_element_type,
     widen,
 )
+from .merge import merge_splits
 
 # Steps between folds of the per-lane fp32 sums into the float64 totals (see the module docstring).
 FLUSH_STEPS = tl.constexpr(32)
@@ -79,9 +80,11 @@ def _backward_reduce_kernel(
     invstd_ptr,  # [C] ACC_DTYPE, saved by the forward
     weight_ptr,  # [C] or None; read only to recompute the activation's input
     bias_ptr,  # [C] or None; likewise
-    sums_ptr,  # FINAL_OUTPUT: ACC_DTYPE [2, C] (sum_dy, sum_dy_xhat); else float64 [2, splits, C] (sum_dy, sum_dy_xmu)
-    grad_weight_ptr,  # [C] weight's dtype or None; written only when FINAL_OUTPUT
-    grad_bias_ptr,  # [C] bias's dtype or None; written only when FINAL_OUTPUT
+    sums_ptr,  # ACC_DTYPE [2, C] written: (sum_dy, sum_dy_xhat)
+    grad_weight_ptr,  # [C] weight's dtype or None
+    grad_bias_ptr,  # [C] bias's dtype or None
+    partials_ptr,  # num_splits > 1: float64 [2, num_splits + groups, C] (sum_dy, sum_dy_xmu) scratch; else None
+    tickets_ptr,  # num_splits > 1: int32 merge tickets, zero (kernels/merge.py); else None
     C,  # channels
     N,  # samples of the view
     S,  # spatial size of the view
@@ -102,7 +105,6 @@ def _backward_reduce_kernel(
     stride_rs,
     ACTIVATION: tl.constexpr,  # the forward's activation (kernels/activation.py)
     ACC_DTYPE: tl.constexpr,
-    FINAL_OUTPUT: tl.constexpr,  # num_splits == 1: write the final sums (and grads) directly
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_S: tl.constexpr,  # spatial positions per step
@@ -111,6 +113,7 @@ def _backward_reduce_kernel(
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # dy (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the inner loop's loads (1: none)
+    GROUP_SPLITS: tl.constexpr,  # splits per merge group, the rows a merge step adds (kernels/merge.py)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -155,44 +158,19 @@ def _backward_reduce_kernel(
         total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)
 
-    if FINAL_OUTPUT:
+    if partials_ptr is None:
         _store_grad_sums(
             sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, total_dy, total_dy_xmu, invstd
         )
     else:
-        partial = tl.program_id(1) * C + channels
-        tl.store(sums_ptr + partial, total_dy, mask=channel_mask)
-        tl.store(sums_ptr + num_splits * C + partial, total_dy_xmu, mask=channel_mask)
-
-
-@triton.jit
-def _combine_grad_sums_kernel(
-    partials_ptr,  # float64 [2, num_splits, C]: per split (sum_dy, sum_dy_xmu)
-    invstd_ptr,  # [C] ACC_DTYPE
-    sums_ptr,  # ACC_DTYPE [2, C] written: (sum_dy, sum_dy_xhat)
-    grad_weight_ptr,  # [C] or None
-    grad_bias_ptr,  # [C] or None
-    C,
-    num_splits,  # splits to add up
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,  # splits added per step: a serial loop of cdiv(num_splits, SPLIT_BLOCK) steps
-):
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
-    sum_dy = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
-    sum_dy_xmu = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
-    for first in range(0, num_splits, SPLIT_BLOCK):  # fixed shapes and order: bitwise reproducible
-        splits = first + tl.arange(0, SPLIT_BLOCK)
-        mask = (splits < num_splits)[:, None] & channel_mask[None, :]
-        offsets = splits[:, None] * C + channels[None, :]
-        sum_dy += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
-        sum_dy_xmu += tl.load(partials_ptr + num_splits * C + offsets, mask=mask, other=0.0)
-    invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
-    _store_grad_sums(
-        sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, tl.sum(sum_dy, axis=0),
-        tl.sum(sum_dy_xmu, axis=0), invstd,
-    )  # fmt: skip
+        done, total_dy, total_dy_xmu = merge_splits(
+            partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, total_dy, total_dy_xmu,
+            BLOCK_C, GROUP_SPLITS,
+        )  # fmt: skip
+        if done:
+            _store_grad_sums(
+                sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, total_dy, total_dy_xmu, invstd
+            )
 
 
 @triton.jit

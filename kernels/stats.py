@@ -18,15 +18,16 @@ deviations, so S2 - S1**2 / n loses only a few bits; the mean keeps torch's accu
 ordinary data and the variance stays exact to ~1e-6 relative even for |mean| / std = 1e4.
 
 Splits of a channel (``num_splits > 1``) share the pilot, so their shifted sums simply add:
-each writes float64 ``(count, S1, S2)`` partials and ``_combine_stats_kernel`` adds them in a
-fixed order (a lane per split, ``SPLIT_BLOCK`` splits per step, one tree at the end; no
-atomics): bitwise reproducible, and at most ``cdiv(splits, SPLIT_BLOCK)`` serial steps.
+each stores float64 ``(S1, S2)`` partials and the last program of the channel block to
+finish adds them in a fixed order and writes the packed statistics (``kernels/merge.py``): no
+separate merge kernel, bitwise reproducible.
 """
 
 import triton
 import triton.language as tl
 
 from .indexing import advance, lane_offsets, lanes, split_bounds, step_count, step_mask, step_pointers, widen
+from .merge import merge_splits
 
 
 @triton.jit
@@ -58,7 +59,9 @@ def _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, 
 @triton.jit
 def _partial_stats_kernel(
     x_ptr,  # input viewed as [N, C, S], any floating dtype
-    out_ptr,  # PACKED_OUTPUT: float64 [3, C] packed stats; else float64 [3, num_splits, C] (count, S1, S2)
+    out_ptr,  # float64 [3, C] packed stats (count, sum, sum of squares)
+    partials_ptr,  # num_splits > 1: float64 [2, num_splits + groups, C] (S1, S2) scratch; else None
+    tickets_ptr,  # num_splits > 1: int32 merge tickets, zero (kernels/merge.py); else None
     C,  # channels
     N,  # samples (rows) of the view
     S,  # spatial size (1 for 2-D input and for collapsed channels_last views)
@@ -70,7 +73,6 @@ def _partial_stats_kernel(
     stride_xc,
     stride_xs,  # strides of the [N, C, S] view of x, in elements
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 input
-    PACKED_OUTPUT: tl.constexpr,  # num_splits == 1: write the final packed stats directly
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_S: tl.constexpr,  # spatial positions per step
@@ -78,6 +80,7 @@ def _partial_stats_kernel(
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
+    GROUP_SPLITS: tl.constexpr,  # splits per merge group, the rows a merge step adds (kernels/merge.py)
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -108,45 +111,14 @@ def _partial_stats_kernel(
     )
     shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)  # the one reduction, in float64
     shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
-    if PACKED_OUTPUT:
+    if partials_ptr is None:
         _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
     else:
-        partial = tl.program_id(1) * C + channels
-        tl.store(out_ptr + partial, count, mask=channel_mask)
-        tl.store(out_ptr + num_splits * C + partial, shifted_sum, mask=channel_mask)
-        tl.store(out_ptr + 2 * num_splits * C + partial, shifted_sumsq, mask=channel_mask)
-
-
-@triton.jit
-def _combine_stats_kernel(
-    partials_ptr,  # float64 [3, num_splits, C]: per split count and pilot-shifted sums S1, S2
-    x_ptr,  # the input, only read for each channel's pilot element
-    out_ptr,  # float64 [3, C] packed stats
-    C,  # channels
-    N,  # samples of the view
-    S,  # spatial size of the view
-    num_splits,  # splits to add up
-    stride_xc,  # channel stride of x
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,  # splits added per step: a serial loop of cdiv(num_splits, SPLIT_BLOCK) steps
-    INT64: tl.constexpr,
-):
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
-    pilot = _load_pilot(x_ptr, channels, channel_mask, N, S, stride_xc, ACC_DTYPE, INT64)
-    count = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
-    shifted_sum = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
-    shifted_sumsq = tl.zeros([SPLIT_BLOCK, BLOCK_C], dtype=tl.float64)
-    # Fixed shapes and order (a lane per split, then one tree over the lanes): bitwise reproducible.
-    for first in range(0, num_splits, SPLIT_BLOCK):
-        splits = first + tl.arange(0, SPLIT_BLOCK)
-        mask = (splits < num_splits)[:, None] & channel_mask[None, :]
-        offsets = splits[:, None] * C + channels[None, :]
-        count += tl.load(partials_ptr + offsets, mask=mask, other=0.0)
-        shifted_sum += tl.load(partials_ptr + num_splits * C + offsets, mask=mask, other=0.0)
-        shifted_sumsq += tl.load(partials_ptr + 2 * num_splits * C + offsets, mask=mask, other=0.0)
-    _store_packed_stats(
-        out_ptr, channels, channel_mask, C, tl.sum(count, axis=0), tl.sum(shifted_sum, axis=0),
-        tl.sum(shifted_sumsq, axis=0), pilot,
-    )  # fmt: skip
+        # Every channel's count is N x S: only the shifted sums need merging.
+        done, shifted_sum, shifted_sumsq = merge_splits(
+            partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, shifted_sum, shifted_sumsq,
+            BLOCK_C, GROUP_SPLITS,
+        )  # fmt: skip
+        if done:
+            count = N.to(tl.float64) * S + tl.zeros([BLOCK_C], dtype=tl.float64)
+            _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)

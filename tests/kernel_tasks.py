@@ -123,6 +123,11 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
     epilogue = Epilogue(residual_view, code, NEGATIVE_SLOPE)
     tiling = _tiling(case, x_view)
     results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
+    launched = launchers.collapse(x_view)
+    launched_tiling = tiling.refit(launched) if tiling else launchers.choose_tiling(launched, case.programs or 4)
+    results["merge_groups"] = launchers.merge_plan(launched_tiling.block_c, launched_tiling.splits)[1]
+    # merge tickets kept across calls, as the module keeps them: they must come back all zero
+    tickets = launchers.new_merge_tickets(case.shape[1], x.device)
     for name, backend in (("triton", launchers), ("torch", torch_path)):
         options = {"tiling": tiling} if name == "triton" else {}
         if name == "triton" and case.programs:
@@ -130,7 +135,8 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
         running_mean = inputs["running_mean"].to(parameter_dtype(case), copy=True)  # each backend its own
         running_var = inputs["running_var"].to(parameter_dtype(case), copy=True)
         num_batches = torch.tensor(NUM_BATCHES_BEFORE, dtype=torch.int64)
-        stats = backend.partial_stats(x_view, **options)
+        merge_tickets = tickets if name == "triton" else None
+        stats = backend.partial_stats(x_view, merge_tickets, **options)
         output, output_view = empty_output_like(x)
         output.fill_(float("nan"))
         batch = case.mode != "running"
@@ -141,7 +147,7 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
         saved = SavedStatistics(mean, invstd, stats[0] if batch else stats.new_empty(0))
         sums, grad_weight, grad_bias = backend.backward_reduce(
             dy_view, x_view, weight, bias, saved, epilogue,
-            None if weight is None else weight.dtype, None if bias is None else bias.dtype, **options,
+            None if weight is None else weight.dtype, None if bias is None else bias.dtype, merge_tickets, **options,
         )  # fmt: skip
         grad_input, grad_input_view = empty_output_like(x)
         grad_input.fill_(float("nan"))
@@ -170,6 +176,7 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
             "grad_residual": grad_residual,
             "num_batches_tracked": int(num_batches),
         }
+    results["tickets_left_zero"] = bool((tickets == 0).all())
     return results
 
 
@@ -287,3 +294,35 @@ def elementwise_bits_under_tuning(
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def module_merge_tickets() -> dict[str, object] | None:
+    """Rank 0 alone, under the interpreter: two training steps of a module whose reductions split
+    (4 programs aimed at, 2 channels: 2 splits each). Reports whether the module made its merge
+    tickets once and kept them, that they came back zero, and the functional API (no tickets)
+    against the module, bitwise."""
+    import torch.distributed as dist
+
+    import triton_syncbn
+    from triton_syncbn.functional import sync_batch_norm
+
+    if dist.get_rank() != 0:
+        return None
+    group = dist.new_group([0])
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 2, 6, 6, generator=gen) + 2
+    module = triton_syncbn.SyncBatchNorm(2, process_group=group)
+    outputs, tickets = [], []
+    for _ in range(2):
+        source = x.clone().requires_grad_(True)
+        outputs.append(module(source))
+        outputs[-1].backward(torch.ones_like(x))
+        tickets.append(module.__dict__["_merge_tickets_by_device"][1])
+    functional = sync_batch_norm(x, None, None, module.weight, module.bias, training=True, process_group=group)
+    return {
+        "kept": tickets[0] is tickets[1] and tickets[0] is not None,
+        "zero": bool((tickets[0] == 0).all()),
+        "same_output": torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], functional),
+        "not_state": "_merge_tickets_by_device" not in dict(module.named_buffers())
+        and all("ticket" not in key for key in module.state_dict()),
+    }

@@ -31,10 +31,20 @@ def test_specialization_compiles_and_vectorizes(spec: codegen_check.Spec, arch: 
     assert not failures, failures
 
 
-def test_multi_split_specialization_launches_the_combine_kernels() -> None:
-    spec = next(spec for spec in codegen_check.SPECS if spec.splits)
-    names = {launch.name for launch in codegen_check.record_launches(spec)}
-    assert {"_combine_stats_kernel", "_combine_grad_sums_kernel"} <= names
+def test_split_reductions_merge_in_kernel() -> None:
+    """A forced 8-way split and the launchers' own channels_last split (two merge levels) launch
+    two kernels per direction, and their merges carry the ordering the GPU needs."""
+    for spec in (next(spec for spec in codegen_check.SPECS if spec.splits), codegen_check.SPECS[1]):
+        launches = codegen_check.record_launches(spec)
+        assert [launch.name for launch in launches] == list(codegen_check.STREAMING), spec.name
+        reductions = [launch for launch in launches if "GROUP_SPLITS" in launch.kwargs]
+        values = dict(zip(reductions[0].kernel.arg_names, reductions[0].args, strict=False))
+        assert values["num_splits"] > 1, spec.name
+        for launch in reductions:
+            ptx = codegen_check.compile_launch(launch, 90).asm["ptx"]
+            assert codegen_check.merge_ordering_failures(launch, ptx) == []
+    unfenced = "st.global.b64 [x]; atom.global.gpu.acq_rel.add.u32"  # no barrier between store and ticket
+    assert codegen_check.merge_ordering_failures(reductions[0], unfenced) != []
 
 
 def test_command_exit_status() -> None:

@@ -60,6 +60,47 @@ def test_compiled_kernels_match_oracle(case: Case) -> None:
     check_case(case, [run_case(case)])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_in_kernel_split_merges_are_ordered_and_reproducible(channels_last: bool) -> None:
+    """The launchers' own splits on this GPU (channels_last: two merge levels), so many programs
+    race for each merge ticket: 20 training steps are bitwise equal, match float64 BatchNorm, and
+    leave the layer's tickets zero. A missing fence would show as a stale partial in some step."""
+    from triton_syncbn import launchers
+    from triton_syncbn.layout import channel_view
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 256, 28, 28, device="cuda") * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    view = launchers.collapse(channel_view(x))
+    tiling = launchers.choose_tiling(view, launchers._target_programs(x.device))
+    groups = launchers.merge_plan(tiling.block_c, tiling.splits)[1]
+    assert tiling.splits > 1 and (groups > 1 or not channels_last), tiling
+    module = triton_syncbn.SyncBatchNorm(256, momentum=1.0).cuda()
+    steps = []
+    for _ in range(20):
+        source = x.detach().requires_grad_(True)
+        module.weight.grad = module.bias.grad = None
+        output = module(source)
+        output.backward(dy)
+        steps.append((output, source.grad, module.weight.grad, module.bias.grad, module.running_var.clone()))
+    assert int(module.__dict__["_merge_tickets_by_device"][1].abs().sum()) == 0
+    for later in steps[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(steps[0], later, strict=True))
+    reference = x.double().detach().requires_grad_(True)
+    weight = torch.ones(256, dtype=torch.float64, device="cuda", requires_grad=True)
+    bias = torch.zeros(256, dtype=torch.float64, device="cuda", requires_grad=True)
+    running_var = torch.ones(256, dtype=torch.float64, device="cuda")
+    expected = torch.nn.functional.batch_norm(
+        reference, torch.zeros_like(running_var), running_var, weight, bias, training=True, momentum=1.0
+    )
+    expected.backward(dy.double())
+    got = steps[0]
+    for actual, wanted in zip(got, (expected, reference.grad, weight.grad, bias.grad, running_var), strict=True):
+        torch.testing.assert_close(actual.double(), wanted, rtol=1e-4, atol=1e-4)
+
+
 def test_no_host_synchronization_in_training_step() -> None:
     module = triton_syncbn.SyncBatchNorm(32, momentum=None).cuda()
     x = torch.randn(16, 32, 14, 14, device="cuda", requires_grad=True)

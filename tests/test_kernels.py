@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_tasks import NEGATIVE_SLOPE, KernelCase, make_inputs, parameter_dtype, run_kernel_case
+from kernel_tasks import (
+    NEGATIVE_SLOPE,
+    KernelCase,
+    make_inputs,
+    module_merge_tickets,
+    parameter_dtype,
+    run_kernel_case,
+)
 from oracle import assert_close, fused_epilogue
 from triton_syncbn.contract import Epilogue
 
@@ -33,8 +40,11 @@ CASES = [
     KernelCase((0, 4, 3, 3)),  # an empty local batch: zero counts, running statistics unchanged
     # channels_last with C a multiple of 8: 128-bit channel runs (CVEC = 8 for bf16)
     KernelCase((3, 16, 2, 3), torch.bfloat16, "channels_last", activation="relu", residual="same"),
-    # 300 splits per channel: the merges take them in one step of 512 lanes, 4 channels per program
+    # 300 splits per channel, 8 channels per program: three merge groups of 128 splits, then a
+    # second merge level over the groups
     KernelCase((300, 5, 1, 16), torch.float32, "channels_last", tiles=(8, 16, 300)),
+    # 64 channels per program (the launchers' channels_last block), 40 splits: groups of 16, two levels
+    KernelCase((40, 64, 1, 2), torch.float32, "channels_last", tiles=(64, 1, 40), activation="relu"),
     # fused epilogues: act(bn(x) [+ residual]), backward through the recomputed pre-activation
     KernelCase((6, 5, 7, 9), tiles=(2, 16, 5), activation="relu", residual="same"),
     KernelCase(
@@ -117,6 +127,9 @@ def test_kernel_contracts(clusters, case: KernelCase) -> None:
     expected = reference(case)
     if case.tiles is not None:
         assert 0 < results["tiling"].splits <= case.tiles[2]
+    if case.tiles is not None and case.tiles[2] >= 40:
+        assert results["merge_groups"] > 1, "the second merge level is not exercised"
+    assert results["tickets_left_zero"], "the split merges left a ticket non-zero"
     for backend in ("triton", "torch"):
         got = results[backend]
         # normalize bumps num_batches_tracked (on the device) whenever it uses batch statistics
@@ -227,3 +240,31 @@ def test_channel_runs_are_vectorized_only_where_aligned(shape, dtype, memory_for
                         dispatch=dispatch)  # fmt: skip
     streaming = [kwargs["CVEC"] for kernel, kwargs in launches if "CVEC" in kwargs]
     assert streaming and all(cvec == expected for cvec in streaming), streaming
+
+
+def test_module_keeps_its_merge_tickets_zero(clusters) -> None:
+    """The module makes its split-merge tickets once per device, keeps them out of its state, and
+    its split reductions leave them zero; the functional API (tickets per call) agrees bitwise."""
+    result = clusters("interpreter").run(module_merge_tickets)[0]
+    assert result == {"kept": True, "zero": True, "same_output": True, "not_state": True}
+
+
+def test_merge_tickets_are_checked() -> None:
+    """Tickets of the wrong size, dtype or device are a clear error, not a silent wrong merge."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from codegen import recording
+
+    from triton_syncbn import launchers
+
+    x = torch.empty(64, 8, 32, 32, device="meta")
+    dispatch, launches = recording(528)
+    view = x.view(64, 8, 1024)
+    launchers.partial_stats(view, None, dispatch=dispatch)  # None: allocated for the call
+    assert dict(zip(launches[0].kernel.arg_names, launches[0].args, strict=False))["num_splits"] > 1
+    for bad in (torch.zeros(1, dtype=torch.int32, device="meta"), torch.zeros(64, device="meta")):
+        with pytest.raises(ValueError, match="merge_tickets must be int32 zeros"):
+            launchers.partial_stats(view, bad, dispatch=dispatch)
+    assert launchers.new_merge_tickets(8, x.device).numel() == launchers.merge_tickets_size(8) >= 8

@@ -25,6 +25,15 @@ def kernel_backend(tensor: torch.Tensor) -> KernelBackend:
     raise TypeError(f"triton_syncbn runs on CUDA and CPU tensors; got a tensor on {tensor.device}")
 
 
+def new_merge_tickets(tensor: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """Zeroed split-merge tickets for the reductions over ``tensor``'s device (``contract.ForwardCall``),
+    or None when its backend merges nothing (``torch_path``). Allocating them is a fill launch,
+    so a layer makes them once per device and keeps them."""
+    if kernel_backend(tensor) is launchers:
+        return launchers.new_merge_tickets(channels, tensor.device)
+    return None
+
+
 def backend_name(tensor: torch.Tensor) -> str:
     """A short name of the backend that ``kernel_backend`` picks, for logs and benchmarks."""
     if tensor.device.type == "cuda":

@@ -65,7 +65,10 @@ class RunningStats:
 class ForwardCall:
     """One forward: ``input`` ``(N, C, *)``, ``weight``/``bias`` ``[C]`` or None, the running
     statistics (None: not tracked), the epilogue, and how to normalize: with the batch
-    statistics of the group named ``group_name`` ("" for none) or the running ones."""
+    statistics of the group named ``group_name`` ("" for none) or the running ones.
+    ``merge_tickets``: the layer's zeroed int32 scratch for the Triton reductions' in-kernel
+    split merges (``launchers.new_merge_tickets``; left zero), or None (allocated per call);
+    backward uses it too."""
 
     input: torch.Tensor
     weight: torch.Tensor | None
@@ -76,6 +79,7 @@ class ForwardCall:
     use_batch_stats: bool
     group_name: str
     check_finite: bool = False
+    merge_tickets: torch.Tensor | None = None
 
     def flat(self) -> tuple[object, ...]:
         """The positional arguments named by ``FORWARD_FIELDS``."""
@@ -95,6 +99,7 @@ class ForwardCall:
             "activation": self.epilogue.activation,
             "negative_slope": self.epilogue.negative_slope,
             "check_finite": self.check_finite,
+            "merge_tickets": self.merge_tickets,
         }
         return tuple(values[name] for name in FORWARD_FIELDS)
 
@@ -110,13 +115,13 @@ class ForwardCall:
         epilogue = Epilogue(named["residual"], named["activation"], named["negative_slope"])
         return cls(
             named["input"], named["weight"], named["bias"], running, epilogue, named["eps"],
-            named["use_batch_stats"], named["group_name"], named["check_finite"],
+            named["use_batch_stats"], named["group_name"], named["check_finite"], named["merge_tickets"],
         )  # fmt: skip
 
 
 FORWARD_FIELDS = (
     "input", "residual", "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "momentum", "eps",
-    "use_batch_stats", "group_name", "activation", "negative_slope", "check_finite",
+    "use_batch_stats", "group_name", "activation", "negative_slope", "check_finite", "merge_tickets",
 )  # fmt: skip
 # The forward arguments that have gradients, in FORWARD_FIELDS order (they come first).
 DIFFERENTIABLE_FIELDS = ("input", "residual", "weight", "bias")
@@ -155,7 +160,8 @@ class BackwardCall:
     """One backward: ``grad_output`` and ``input`` ``(N, C, *)``, the forward's ``weight`` and
     ``bias``, its epilogue (the residual only when an activation is fused), its statistics, the
     group, and which gradients are needed. With no fused activation the residual's gradient is
-    ``grad_output`` itself, left to the caller (``needs.residual`` must be False)."""
+    ``grad_output`` itself, left to the caller (``needs.residual`` must be False).
+    ``merge_tickets`` as in ``ForwardCall``."""
 
     grad_output: torch.Tensor
     input: torch.Tensor
@@ -165,6 +171,7 @@ class BackwardCall:
     epilogue: Epilogue
     group_name: str
     needs: Gradients
+    merge_tickets: torch.Tensor | None = None
 
     def flat(self) -> tuple[object, ...]:
         """The positional arguments named by ``BACKWARD_FIELDS``."""
@@ -181,6 +188,7 @@ class BackwardCall:
             "activation": self.epilogue.activation,
             "negative_slope": self.epilogue.negative_slope,
             "needs": self.needs.as_list(),
+            "merge_tickets": self.merge_tickets,
         }
         return tuple(values[name] for name in BACKWARD_FIELDS)
 
@@ -192,13 +200,13 @@ class BackwardCall:
             named["grad_output"], named["input"], named["weight"], named["bias"],
             SavedStatistics(named["mean"], named["invstd"], named["count"]),
             Epilogue(named["residual"], named["activation"], named["negative_slope"]), named["group_name"],
-            Gradients(*named["needs"]),
+            Gradients(*named["needs"]), named["merge_tickets"],
         )  # fmt: skip
 
 
 BACKWARD_FIELDS = (
     "grad_output", "input", "residual", "weight", "bias", "mean", "invstd", "count", "group_name", "activation",
-    "negative_slope", "needs",
+    "negative_slope", "needs", "merge_tickets",
 )  # fmt: skip
 
 
@@ -211,8 +219,9 @@ class KernelBackend(Protocol):
     ``dispatch``); ``tests/test_contract.py`` checks that both modules match this signature.
     """
 
-    def partial_stats(self, x: torch.Tensor) -> torch.Tensor:
-        """Local float64 ``[3, C]``: count, sum, sum of squares per channel of ``x``."""
+    def partial_stats(self, x: torch.Tensor, merge_tickets: torch.Tensor | None = None) -> torch.Tensor:
+        """Local float64 ``[3, C]``: count, sum, sum of squares per channel of ``x``
+        (``merge_tickets``: see ``ForwardCall``; a backend that splits nothing ignores it)."""
         ...
 
     def normalize(
@@ -240,6 +249,7 @@ class KernelBackend(Protocol):
         epilogue: Epilogue,
         weight_grad_dtype: torch.dtype | None,
         bias_grad_dtype: torch.dtype | None,
+        merge_tickets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(sums [2, C], grad_weight, grad_bias)``: local sum(dy), sum(dy * xhat)."""
         ...

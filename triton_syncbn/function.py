@@ -40,6 +40,7 @@ def _save(ctx: Any, call: ForwardCall, output: tuple[torch.Tensor, ...]) -> None
     ctx.epilogue = Epilogue(None, epilogue.activation, epilogue.negative_slope)  # the residual is saved
     ctx.group_name = call.group_name
     ctx.eps = call.eps
+    ctx.merge_tickets = call.merge_tickets  # scratch the kernels leave zero: not saved for autograd
 
 
 def _backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -82,7 +83,7 @@ def _backward_call(ctx: Any, grad_output: torch.Tensor) -> BackwardCall:
     input, weight, bias, epilogue, saved = _saved(ctx)
     need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
     needs = Gradients(need_input, need_residual and epilogue.fused_activation, need_weight, need_bias)
-    return BackwardCall(grad_output, input, weight, bias, saved, epilogue, ctx.group_name, needs)
+    return BackwardCall(grad_output, input, weight, bias, saved, epilogue, ctx.group_name, needs, ctx.merge_tickets)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):

@@ -119,6 +119,7 @@ def batch_norm_function(
     num_features: int | None = None,
     check_finite: bool = False,
     before_collectives: Callable[[], None] | None = None,
+    merge_tickets: Callable[[], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Validate everything, then run the autograd Function; a rejected call changes nothing.
 
@@ -128,6 +129,9 @@ def batch_norm_function(
     and updated in training by its rule (``contract.RunningStats``). ``before_collectives``
     runs once the arguments are known to be valid, before any collective (the module's
     cross-rank agreement check), so a rank never fails a local check after it.
+    ``merge_tickets``, called once the arguments are valid, gives the caller's zeroed split-merge
+    scratch (``backend.new_merge_tickets``, kept across calls); None, or a None from it, has the
+    launchers allocate it per call (one more small launch per split reduction).
     """
     check_input(input, num_features)
     check_residual(fused.residual, input)
@@ -148,7 +152,10 @@ def batch_norm_function(
         before_collectives()
     if _aten_batch_norm_serves(input, weight, bias, running, fused, group, check_finite):
         return _aten_batch_norm(input, weight, bias, running, use_batch_stats, eps)
-    call = ForwardCall(input, weight, bias, running, fused, eps, use_batch_stats, group_name(group), check_finite)
+    tickets = merge_tickets() if merge_tickets is not None and use_batch_stats else None
+    call = ForwardCall(
+        input, weight, bias, running, fused, eps, use_batch_stats, group_name(group), check_finite, tickets
+    )
     output, _, _, _ = function_for_this_call().apply(*call.flat())
     return output
 

@@ -20,8 +20,6 @@ import triton.language as tl
 from triton_syncbn.kernels import (
     _backward_dx_kernel,
     _backward_reduce_kernel,
-    _combine_grad_sums_kernel,
-    _combine_stats_kernel,
     _normalize_kernel,
     _partial_stats_kernel,
 )
@@ -37,15 +35,14 @@ _MAX_BLOCK_C = 64
 # Programs to aim for per streaming-multiprocessor, so that small-C shapes fill the GPU: 4 is the
 # target (bench/perf_model.py), 5 leaves room for the rounding of splits to whole steps.
 PROGRAMS_PER_SM = 5
-# Splits of one channel block a reduction may use. The merge of a split reduction loads all of a
-# channel's splits at once (MERGE_SPLIT_BLOCK lanes, then one tree: a fixed order): on an H200
-# each serial step of the merge cost ~1.5 us (a dependent DRAM round trip), 11 steps ~20 us. A
-# merge program holds MERGE_TILE float64 per partial array (16 per thread), so it covers
-# MERGE_TILE // MERGE_SPLIT_BLOCK channels, at most MERGE_BLOCK_C.
+# Splits of one channel block a reduction may use. Split reductions merge in the kernel itself
+# (kernels/merge.py): the last program of each group of MERGE_TILE // block_c splits adds the
+# group's float64 partials in one step of MERGE_TILE values per array, and with several groups
+# the last of those adds the groups (block_c = 64: groups of 16, at most 64 groups, 4 steps).
+# Larger steps cost registers in every program of the kernel (sm_90: 2048 values took the
+# channels_last fp32 statistics kernel from 72 to 103-128 registers), smaller ones more steps.
 MAX_SPLITS = 1024
-MERGE_SPLIT_BLOCK = 1024
-MERGE_TILE = 2048
-MERGE_BLOCK_C = 16
+MERGE_TILE = 1024
 # Software-pipelining depth of the reductions' loads (statistics, gradient sums): Triton's
 # tl.range(num_stages=...) issues the loads of the next steps (cp.async into shared memory) while a
 # step is added up. On an H200 those loops were latency-bound (ncu: no eligible warp 60-90% of
@@ -409,16 +406,61 @@ def _blocks(tiling: Tiling) -> dict[str, int]:
             "num_warps": tiling.num_warps}  # fmt: skip
 
 
-def _merge_blocks(channels: int, splits: int) -> dict[str, int]:
-    """Block sizes of the split merges (fixed per shape: a fixed summation order): every split
-    in one step up to MERGE_SPLIT_BLOCK splits."""
-    split_block = min(MERGE_SPLIT_BLOCK, _next_power_of_2(splits))
-    block_c = max(1, min(MERGE_BLOCK_C, _next_power_of_2(channels), MERGE_TILE // split_block))
-    return {"BLOCK_C": block_c, "SPLIT_BLOCK": split_block}
+def merge_plan(block_c: int, splits: int) -> tuple[int, int]:
+    """``(group_splits, groups)`` of a split reduction's in-kernel merge (``kernels/merge.py``):
+    splits per group (also the rows added per merge step; fixed per shape, so the summation
+    order is) and the number of groups."""
+    group_splits = min(_next_power_of_2(splits), max(MERGE_TILE // block_c, 1))
+    return group_splits, _cdiv(splits, group_splits)
 
 
-def _merge_grid(channels: int, splits: int) -> tuple[int]:
-    return (_cdiv(channels, _merge_blocks(channels, splits)["BLOCK_C"]),)
+def _tickets_needed(channels: int, block_c: int, splits: int) -> int:
+    """Merge tickets a reduction over ``channels`` in blocks of ``block_c`` split ``splits`` ways
+    uses: one per group of each channel block, plus one per channel block with several groups."""
+    if splits <= 1:
+        return 0
+    blocks = _cdiv(channels, block_c)
+    _, groups = merge_plan(block_c, splits)
+    return blocks * groups + (blocks if groups > 1 else 0)
+
+
+def merge_tickets_size(channels: int) -> int:
+    """Merge tickets any launch over ``channels`` channels can use (the launchers' block sizes,
+    at most ``MAX_SPLITS`` splits): the size of a ``merge_tickets`` buffer that serves every
+    input shape."""
+    sizes = [_tickets_needed(channels, 1 << bits, MAX_SPLITS) for bits in range(_MAX_BLOCK_C.bit_length())]
+    return max(sizes)
+
+
+def new_merge_tickets(channels: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 merge tickets for ``channels`` channels on ``device`` (``merge_tickets_size``):
+    the reductions leave them zero, so one buffer serves every call that does not overlap another
+    call using it (one layer on one stream)."""
+    return torch.zeros(merge_tickets_size(channels), dtype=torch.int32, device=device)
+
+
+def _merge_arguments(
+    channels: int, tiling: Tiling, merge_tickets: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, int]]:
+    """``(partials, tickets, constexprs)`` of a reduction launch: float64 scratch
+    ``[2, splits + groups, C]`` and the tickets (``merge_tickets``, checked, or zeros
+    allocated for this call), or Nones for an unsplit one."""
+    splits = tiling.splits
+    group_splits, groups = merge_plan(tiling.block_c, splits)
+    constexprs = {"GROUP_SPLITS": group_splits}
+    if splits <= 1:
+        return None, None, constexprs
+    needed = _tickets_needed(channels, tiling.block_c, splits)
+    if merge_tickets is None:
+        merge_tickets = torch.zeros(needed, dtype=torch.int32, device=device)
+    elif merge_tickets.dtype != torch.int32 or merge_tickets.device != device or merge_tickets.numel() < needed:
+        raise ValueError(
+            f"merge_tickets must be int32 zeros on {device} with at least {needed} elements "
+            f"(launchers.new_merge_tickets); got {merge_tickets.dtype} {tuple(merge_tickets.shape)} "
+            f"on {merge_tickets.device}"
+        )
+    partials = torch.empty(2, splits + groups, channels, dtype=torch.float64, device=device)
+    return partials, merge_tickets, constexprs
 
 
 def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -430,36 +472,33 @@ def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 def partial_stats(
-    x: torch.Tensor, *, tiling: Tiling | None = None, dispatch: Dispatch = _DEFAULT_DISPATCH
+    x: torch.Tensor,
+    merge_tickets: torch.Tensor | None = None,
+    *,
+    tiling: Tiling | None = None,
+    dispatch: Dispatch = _DEFAULT_DISPATCH,
 ) -> torch.Tensor:
     """Local per-channel statistics of ``x`` ``[N, C, S]``.
 
     Returns float64 ``[3, C]``: element count, sum and sum of squares per channel (moments from
-    pilot-shifted per-lane sums expanded in float64; see ``kernels/stats.py``). N may be 0.
-    ``tiling`` forces block sizes and splits (tests); ``dispatch`` redirects the launches.
+    pilot-shifted per-lane sums expanded in float64; see ``kernels/stats.py``). N may be 0. One
+    kernel: a channel split over several programs is merged by the last of them, using
+    ``merge_tickets`` (``new_merge_tickets``; None: zeros allocated for this call, one more
+    launch). ``tiling`` forces block sizes and splits (tests); ``dispatch`` redirects the launches.
     """
     (x,) = _collapsed(x)
     channels = x.shape[1]
     tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
-    splits = tiling.splits
     acc_dtype = accumulation_dtype(x.dtype)
     packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
-    partials = packed
-    if splits > 1:
-        partials = torch.empty(3, splits, channels, dtype=torch.float64, device=x.device)
+    partials, tickets, merge = _merge_arguments(channels, tiling, merge_tickets, x.device)
     int64, vec, cvec, _ = _access(tiling, _geometries(x))
     dispatch.launch(
         _partial_stats_kernel, tiling.grid(channels),
-        (x, partials, channels, *_geometry(x, tiling), splits, *x.stride()),
-        dict(ACC_DTYPE=_tl_dtype(acc_dtype), PACKED_OUTPUT=splits == 1, INT64=int64, VEC=vec, CVEC=cvec,
-             NUM_STAGES=REDUCTION_STAGES, **_blocks(tiling)),
+        (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
+        dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
+             NUM_STAGES=REDUCTION_STAGES, **merge, **_blocks(tiling)),
     )  # fmt: skip
-    if splits > 1:
-        dispatch.launch(
-            _combine_stats_kernel, _merge_grid(channels, splits),
-            (partials, x, packed, channels, x.shape[0], x.shape[2], splits, x.stride(1)),
-            dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, **_merge_blocks(channels, splits)),
-        )  # fmt: skip
     return packed
 
 
@@ -530,6 +569,7 @@ def backward_reduce(
     epilogue: Epilogue,
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
+    merge_tickets: torch.Tensor | None = None,
     *,
     tiling: Tiling | None = None,
     dispatch: Dispatch = _DEFAULT_DISPATCH,
@@ -542,7 +582,8 @@ def backward_reduce(
 
     Returns ``(sums, grad_weight, grad_bias)``: ``sums`` is ``[2, C]`` in the accumulation
     dtype (what backward all-reduces); the local parameter grads ``[C]`` are returned in the
-    given dtypes, or None where the dtype is None.
+    given dtypes, or None where the dtype is None. One kernel: split channels are merged by
+    their last program, using ``merge_tickets`` (as in ``partial_stats``).
     """
     mean, invstd = saved.mean, saved.invstd
     activation, negative_slope = epilogue.activation, epilogue.negative_slope
@@ -550,30 +591,21 @@ def backward_reduce(
     grad_out, x, residual = _collapsed(grad_out, x, residual)
     channels = x.shape[1]
     tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
-    splits = tiling.splits
     acc_dtype = accumulation_dtype(x.dtype)
     sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
     grad_weight = None if weight_grad_dtype is None else torch.empty(channels, dtype=weight_grad_dtype, device=x.device)
     grad_bias = None if bias_grad_dtype is None else torch.empty(channels, dtype=bias_grad_dtype, device=x.device)
-    partials = sums
-    if splits > 1:
-        partials = torch.empty(2, splits, channels, dtype=torch.float64, device=x.device)
+    partials, tickets, merge = _merge_arguments(channels, tiling, merge_tickets, x.device)
     int64, vec, cvec, same_strides = _access(tiling, _geometries(x, grad_out, residual))
     dispatch.launch(
         _backward_reduce_kernel, tiling.grid(channels),
         (grad_out, x, residual, mean, invstd, weight if activation else None, bias if activation else None,
-         partials, grad_weight, grad_bias, channels, *_geometry(x, tiling), splits, *float_halves(negative_slope),
+         sums, grad_weight, grad_bias, partials, tickets, channels, *_geometry(x, tiling), tiling.splits,
+         *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(residual)),
-        dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), FINAL_OUTPUT=splits == 1,
-             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=REDUCTION_STAGES,
-             **_blocks(tiling)),
+        dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
+             SAME_STRIDES=same_strides, NUM_STAGES=REDUCTION_STAGES, **merge, **_blocks(tiling)),
     )  # fmt: skip
-    if splits > 1:
-        dispatch.launch(
-            _combine_grad_sums_kernel, _merge_grid(channels, splits),
-            (partials, invstd, sums, grad_weight, grad_bias, channels, splits),
-            dict(ACC_DTYPE=_tl_dtype(acc_dtype), **_merge_blocks(channels, splits)),
-        )  # fmt: skip
     return sums, grad_weight, grad_bias
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist  # type hints only: distributed.py makes every 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backend import new_merge_tickets
 from .distributed import group_name, group_size, sync_group, verify_same_on_all_ranks
 from .functional import activation_code, batch_norm_function, check_input, epilogue, running_stats
 
@@ -122,6 +123,7 @@ class SyncBatchNorm(_BatchNorm):
             num_features=self.num_features,
             check_finite=getattr(self, "check_finite", False),
             before_collectives=None if group is None else lambda: self._verify_ranks_agree(input, group),
+            merge_tickets=lambda: self._merge_tickets(input),
         )
         if not torch.compiler.is_compiling():
             # After a successful call, what revert_sync_batchnorm needs to pick torch's class: a bit
@@ -133,6 +135,21 @@ class SyncBatchNorm(_BatchNorm):
             if residual is not None:
                 self.__dict__["_seen_residual"] = True
         return output
+
+    def _merge_tickets(self, input: torch.Tensor) -> torch.Tensor | None:
+        """This layer's split-merge scratch on ``input``'s device (``contract.ForwardCall``): int32
+        zeros that the reductions leave zero, made on the first training call on a device and
+        kept (a plain attribute: not state, not in ``state_dict``, not broadcast by DDP; None on the
+        CPU path). Calls of one layer must not overlap on two CUDA streams (they would share it).
+        Under ``torch.compile`` a layer with none yet gets None (per-call tickets), no graph break."""
+        cached = self.__dict__.get("_merge_tickets_by_device")
+        if cached is not None and cached[0] == input.device:
+            return cached[1]
+        if torch.compiler.is_compiling():
+            return None
+        tickets = new_merge_tickets(input, self.num_features)
+        self.__dict__["_merge_tickets_by_device"] = (input.device, tickets)
+        return tickets
 
     def _verify_ranks_agree(self, input: torch.Tensor, group: dist.ProcessGroup) -> None:
         """On the first synchronized call, and whenever this rank's (channels, dtype,

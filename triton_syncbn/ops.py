@@ -6,7 +6,8 @@ compiles with ``fullgraph=True`` and no graph break. The all-reduce stays *insid
 (rather than being rewritten into functional collectives): the collective then runs exactly
 where and as it does in eager mode, over the process group named by ``group_name``, and the
 graph holds no ProcessGroup object. Running statistics and ``num_batches_tracked`` are declared
-as mutated arguments, so functionalization orders their updates correctly.
+as mutated arguments, so functionalization orders their updates correctly; ``merge_tickets`` (the
+reductions' split-merge scratch) is not: the kernels leave it as they found it, all zeros.
 
 The ops' flat arguments are ``contract.FORWARD_FIELDS`` / ``BACKWARD_FIELDS``, parsed by name
 into ``contract.ForwardCall`` / ``BackwardCall``; the signatures below spell them out because
@@ -38,6 +39,7 @@ def forward_op(
     activation: int,
     negative_slope: float,
     check_finite: bool,
+    merge_tickets: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``stages.forward`` as an op: ``(output, mean, invstd, count)``."""
     return stages.forward(ForwardCall.from_flat(*_in_order(locals(), FORWARD_FIELDS)))
@@ -62,6 +64,7 @@ def backward_op(
     activation: int,
     negative_slope: float,
     needs: list[bool],
+    merge_tickets: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``stages.backward`` as an op; gradients that ``needs`` does not ask for come back empty."""
     grads = stages.backward(BackwardCall.from_flat(*_in_order(locals(), BACKWARD_FIELDS)))

@@ -60,7 +60,7 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             x, output_view, call.weight, call.bias, running, call.eps, epilogue
         )
         return output, mean, invstd, count
-    stats = ops.partial_stats(x)
+    stats = ops.partial_stats(x, call.merge_tickets)
     local_stats = stats.clone() if call.check_finite else None
     if group is not None:
         all_reduce_sum_(stats, group)
@@ -127,7 +127,7 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
     if needs.weight or needs.bias or (needs.input and saved.batch_stats):
         sums, grad_weight, grad_bias = ops.backward_reduce(
             grad_out, x, weight, bias, saved, views,
-            weight.dtype if needs.weight else None, bias.dtype if needs.bias else None,
+            weight.dtype if needs.weight else None, bias.dtype if needs.bias else None, call.merge_tickets,
         )  # fmt: skip
     if needs.input and saved.batch_stats and group is not None:
         all_reduce_sum_(sums, group)

@@ -153,8 +153,9 @@ def _pre_activation_into(
         buffer.add_(residual)
 
 
-def partial_stats(x: torch.Tensor) -> torch.Tensor:
-    """Local per-channel float64 ``[3, C]`` (count, sum, sum of squares) of ``x`` ``[N, C, S]``.
+def partial_stats(x: torch.Tensor, merge_tickets: torch.Tensor | None = None) -> torch.Tensor:
+    """Local per-channel float64 ``[3, C]`` (count, sum, sum of squares) of ``x`` ``[N, C, S]``
+    (``merge_tickets`` is unused: nothing is split here).
 
     The moments come from ATen's ``batch_norm_update_stats`` (torch's own BatchNorm statistics:
     float64 accumulation of the sum for float32 input, the squared deviations ``V = mean((x -
@@ -404,8 +405,9 @@ def backward_reduce(
     epilogue: Epilogue,
     weight_grad_dtype: torch.dtype | None,
     bias_grad_dtype: torch.dtype | None,
+    merge_tickets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as ``launchers.backward_reduce``.
+    """Same contract as ``launchers.backward_reduce`` (``merge_tickets`` unused).
 
     ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` per channel in one pass (ATen's BatchNorm
     backward asked for the weight and bias gradients only).
