@@ -50,9 +50,9 @@ head -n 8 "$out/host_overhead.log"
 step kernel-times 110 python3 bench/kernel_times.py --out "$work" --steps 5 > "$out/kernel_times.log" 2>&1
 cp "$work/kernel_times.md" "$out/" 2> /dev/null
 tail -n 2 "$out/kernel_times.log"
-# The same reductions without software-pipelined loads (launchers.REDUCTION_STAGES = 1), to compare.
+# The same kernels without software-pipelined loads (REDUCTION_STAGES = ELEMENTWISE_STAGES = 1), to compare.
 step kernel-times-unpipelined 50 python3 bench/kernel_times.py --out "$work/unpipelined" --steps 5 \
-    --reduction-stages 1 --shapes S3 S4 S6 S9 S11 > "$work/kernel_times_unpipelined.log" 2>&1
+    --reduction-stages 1 --elementwise-stages 1 --shapes S3 S4 S6 S9 S11 > "$work/kernel_times_unpipelined.log" 2>&1
 
 step benchmark 90 python3 bench/benchmark.py --world-size 1 --shapes S1 S2 S3 S4 S5 S6 S8 S9 S11 S12 \
     --dtype fp32 bf16 --modes forward backward forward+backward --budget-ms 30 --out "$work" \

@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reduction-stages", type=int, default=None,
         help="software-pipelining depth of the reductions' loads (launchers.REDUCTION_STAGES; 1: none), to compare",
     )  # fmt: skip
+    parser.add_argument(
+        "--elementwise-stages", type=int, default=None,
+        help="software-pipelining depth of normalize's and dx's loads (launchers.ELEMENTWISE_STAGES; 1: none)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.reduction_stages is not None:
         launchers.REDUCTION_STAGES = args.reduction_stages
+    if args.elementwise_stages is not None:
+        launchers.ELEMENTWISE_STAGES = args.elementwise_stages
     device = torch.device("cuda")
     copy_gbps = copy_bandwidth_gbps(device)
     model = model_rows(args.model)
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     with rows_path.open("w") as progress:
         progress.write(json.dumps({"meta": {"device": torch.cuda.get_device_name(device), "copy_gbps": copy_gbps,
                                             "torch": torch.__version__, "triton": __import__("triton").__version__,
-                                            "reduction_stages": launchers.REDUCTION_STAGES}}) + "\n")  # fmt: skip
+                                            "reduction_stages": launchers.REDUCTION_STAGES,
+                                            "elementwise_stages": launchers.ELEMENTWISE_STAGES}}) + "\n")  # fmt: skip
         for index, (shape, dtype_name, layout) in enumerate(cases, 1):
             try:
                 module = triton_syncbn.SyncBatchNorm(shape.dims[1], device=device)

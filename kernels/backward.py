@@ -216,6 +216,7 @@ def _backward_dx_kernel(
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # dy, dx (and residual) strided like x: one set of offsets (fewer registers)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -241,7 +242,7 @@ def _backward_dx_kernel(
     r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
     n0 = n_lo
     s0 = s_lo
-    for _ in range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)):
+    for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
         dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), mask=mask, other=0.0)
         dy = widen(dy, ACC_DTYPE)

@@ -75,29 +75,22 @@ def test_occupancy_from_registers() -> None:
 
 
 def test_model_subset(tmp_path: Path) -> None:
-    """S4 fp32 in both layouts. Contiguous: every streaming loop within the issue budget, no
-    integer division, enough loads in flight (the reductions' loads software-pipelined) and
-    programs, one-step merges. channels_last misses only the loads-in-flight target of normalize
-    (47.5 KB per SM against 48; measured on an H200 at 94% of copy). Every direction is two
-    kernels (split reductions merge in the kernel, in a few serial steps). Outputs are written."""
+    """S4 fp32 in both layouts meets every target: each streaming loop within the issue budget,
+    no integer division, enough loads in flight (software-pipelined loads) and programs, two
+    kernels per direction (split reductions merge in the kernel, in a few serial steps). Outputs
+    are written."""
     kernel_rows, direction_rows = perf_model.run(["S4"], ["fp32"], ["contiguous", "channels_last"],
                                                  perf_model.GPUS["H200"], verbose=False)  # fmt: skip
     assert {row.kernel for row in kernel_rows} == set(perf_model.STREAMING)
-    in_flight_misses = set()
     for row in kernel_rows:
         assert 0 < row.issue_needed <= perf_model.MAX_ISSUE and row.loop_bytes >= 64
+        assert not row.failures, (row.kernel, row.layout, row.failures)
         if row.kernel in ("_partial_stats_kernel", "_backward_reduce_kernel"):
             assert 2 <= row.merge_steps <= 5, row  # split: a ticket and a step, per level
         else:
             assert row.merge_steps == 0, row
-        if row.layout == "contiguous" or row.kernel != "_normalize_kernel":
-            assert not row.failures, (row.kernel, row.layout, row.failures)
-        else:
-            assert all("KB in flight" in failure for failure in row.failures), row.failures
-            in_flight_misses.update(row.failures)
-    assert in_flight_misses, "channels_last normalize holds less than 48 KB in flight per SM"
     for row in direction_rows:
-        assert row.kernels == 2 and not any("kernels >" in failure for failure in row.failures), row
+        assert row.kernels == 2 and not row.failures, row
         assert 0.5 < row.predicted_fraction <= 1.0
     perf_model.write_outputs(kernel_rows, direction_rows, tmp_path, perf_model.GPUS["H200"])
     assert (tmp_path / "model.csv").read_text().count("\n") == len(kernel_rows) + 1

@@ -48,6 +48,11 @@ MERGE_TILE = 1024
 # step is added up. On an H200 those loops were latency-bound (ncu: no eligible warp 60-90% of
 # cycles; 35-64% of copy with 32-56 KB in flight per SM). The summation order is unchanged.
 REDUCTION_STAGES = 3
+# Software-pipelining depth of the elementwise kernels' loads (normalize; the input gradient only
+# with 16-byte accesses: its scalar loads, S odd, would become 4-byte copies that cost more issue
+# than the extra bytes in flight gain). bench/perf_model.py: channels_last bf16 normalize 40 ->
+# 80 KB in flight per SM (48-85% -> 68-100% of copy), dx 64 -> 128 KB. Not yet measured.
+ELEMENTWISE_STAGES = 3
 # Contiguous layout: the least bytes a step reads along each (sample, channel) row, unless the row
 # is shorter (two 128-byte lines: whole DRAM bursts, few rows per step).
 MIN_RUN_BYTES = 256
@@ -555,7 +560,7 @@ def normalize(
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
              ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides,
-             **_blocks(tiling)),
+             NUM_STAGES=ELEMENTWISE_STAGES, **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -652,11 +657,12 @@ def backward_dx(
         dispatch,
     )  # fmt: skip
     int64, vec, cvec, same_strides = _access(tiling, geometries)
+    stages = ELEMENTWISE_STAGES if vec > 1 or cvec > 1 else 1
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
         (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
          channels, *_geometry(x, tiling), *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, **_blocks(tiling)),
+             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=stages, **_blocks(tiling)),
     )  # fmt: skip
