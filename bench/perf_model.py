@@ -39,7 +39,7 @@ The formula (constants per GPU in ``GPUS``; one place):
     kernel fraction   f = waves / (full waves / f_full + partial wave / f_partial)   (= min(f_i, f_m, f_g))
     merge steps       M = for a split reduction, the serial round trips of its in-kernel merge
                           (kernels/merge.py): per level, one ticket (an acq_rel atomic) plus
-                          cdiv(rows, GROUP_SPLITS) steps of loads; 1 level, 2 with several groups
+                          cdiv(rows, MERGE_ROWS) steps of loads; 1 level, 2 with several groups
                           (the separate merge kernels of older revisions: their loop's steps)
     direction time    T = sum_k bytes_k / (BW x f_k) + launches x launch_us + M x merge_step_ns
     predicted fraction of copy bandwidth (actual traffic) = sum_k bytes_k / BW / T
@@ -277,18 +277,18 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
 
 def folded_merge_steps(launch: KernelLaunch) -> int:
     """Serial round trips of a split reduction's in-kernel merge (``kernels/merge.py``): per
-    level one ticket and ``cdiv(rows, GROUP_SPLITS)`` load steps; 0 for an unsplit launch or a
+    level one ticket and ``cdiv(rows, MERGE_ROWS)`` load steps; 0 for an unsplit launch or a
     kernel without one."""
     if "GROUP_SPLITS" not in launch.kwargs:
         return 0
     splits = dict(zip(launch.kernel.arg_names, launch.args, strict=False))["num_splits"]
     if splits <= 1:
         return 0
-    group_splits = launch.kwargs["GROUP_SPLITS"]
+    group_splits, rows = launch.kwargs["GROUP_SPLITS"], launch.kwargs["MERGE_ROWS"]
     groups = triton.cdiv(splits, group_splits)
-    steps = 2  # the group's ticket, its one step
+    steps = 1 + triton.cdiv(min(splits, group_splits), rows)
     if groups > 1:
-        steps += 1 + triton.cdiv(groups, group_splits)
+        steps += 1 + triton.cdiv(groups, rows)
     return steps
 
 

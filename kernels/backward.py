@@ -113,7 +113,8 @@ def _backward_reduce_kernel(
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # dy (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the inner loop's loads (1: none)
-    GROUP_SPLITS: tl.constexpr,  # splits per merge group, the rows a merge step adds (kernels/merge.py)
+    GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
+    MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -165,7 +166,7 @@ def _backward_reduce_kernel(
     else:
         done, total_dy, total_dy_xmu = merge_splits(
             partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, total_dy, total_dy_xmu,
-            BLOCK_C, GROUP_SPLITS,
+            BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
         )  # fmt: skip
         if done:
             _store_grad_sums(

@@ -5,9 +5,9 @@ program store its float64 partial sums as one row of ``partials[2, num_splits + 
 then take a ticket; the program that takes the last ticket of its group adds the group's rows up
 and, with several groups, stores the group's sum in row ``num_splits + group`` and takes a
 ticket of the second level, whose last program adds the group rows. So a direction needs no
-separate merge kernel, and no merge adds more than ``GROUP_SPLITS`` rows.
+separate merge kernel. A merge adds ``MERGE_ROWS`` rows per step (its loads issued together).
 
-Order: rows are added in a fixed order (``GROUP_SPLITS`` rows per step, a lane per row, one tree
+Order: rows are added in a fixed order (``MERGE_ROWS`` rows per step, a lane per row, one tree
 at the end), whichever program arrives last, so results are bitwise reproducible and the same
 on every rank.
 
@@ -65,7 +65,7 @@ def _store_row(partials_ptr, array_stride, row, channels, channel_mask, C, first
 @triton.jit
 def merge_splits(
     partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, first, second,
-    BLOCK_C: tl.constexpr, GROUP_SPLITS: tl.constexpr,
+    BLOCK_C: tl.constexpr, GROUP_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
 ):  # fmt: skip
     """Store this program's float64 partials ``first``, ``second`` ``[BLOCK_C]`` as row
     ``program_id(1)`` of ``partials_ptr[2, num_splits + groups, C]`` and merge (see the module
@@ -84,7 +84,7 @@ def merge_splits(
     if _is_last_arrival(tickets_ptr, ticket, members):
         tl.store(tickets_ptr + ticket, 0)
         first, second = _sum_rows(
-            partials_ptr, array_stride, group_first, members, channels, channel_mask, C, BLOCK_C, GROUP_SPLITS
+            partials_ptr, array_stride, group_first, members, channels, channel_mask, C, BLOCK_C, MERGE_ROWS
         )
         if groups == 1:
             done = split >= 0
@@ -94,7 +94,7 @@ def merge_splits(
             if _is_last_arrival(tickets_ptr, top, groups):
                 tl.store(tickets_ptr + top, 0)
                 first, second = _sum_rows(
-                    partials_ptr, array_stride, num_splits, groups, channels, channel_mask, C, BLOCK_C, GROUP_SPLITS
+                    partials_ptr, array_stride, num_splits, groups, channels, channel_mask, C, BLOCK_C, MERGE_ROWS
                 )
                 done = split >= 0
     return done, first, second

@@ -80,7 +80,8 @@ def _partial_stats_kernel(
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
-    GROUP_SPLITS: tl.constexpr,  # splits per merge group, the rows a merge step adds (kernels/merge.py)
+    GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
+    MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -117,7 +118,7 @@ def _partial_stats_kernel(
         # Every channel's count is N x S: only the shifted sums need merging.
         done, shifted_sum, shifted_sumsq = merge_splits(
             partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, shifted_sum, shifted_sumsq,
-            BLOCK_C, GROUP_SPLITS,
+            BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
         )  # fmt: skip
         if done:
             count = N.to(tl.float64) * S + tl.zeros([BLOCK_C], dtype=tl.float64)

@@ -125,7 +125,7 @@ def _run_kernel_case(case: KernelCase) -> dict[str, object]:
     results: dict[str, object] = {"tiling": tiling, "strides_kept": {}}
     launched = launchers.collapse(x_view)
     launched_tiling = tiling.refit(launched) if tiling else launchers.choose_tiling(launched, case.programs or 4)
-    results["merge_groups"] = launchers.merge_plan(launched_tiling.block_c, launched_tiling.splits)[1]
+    results["merge_groups"] = launchers.merge_plan(launched_tiling.block_c, launched_tiling.splits).groups
     # merge tickets kept across calls, as the module keeps them: they must come back all zero
     tickets = launchers.new_merge_tickets(case.shape[1], x.device)
     for name, backend in (("triton", launchers), ("torch", torch_path)):

@@ -75,7 +75,7 @@ def test_in_kernel_split_merges_are_ordered_and_reproducible(channels_last: bool
     dy = torch.randn_like(x)
     view = launchers.collapse(channel_view(x))
     tiling = launchers.choose_tiling(view, launchers._target_programs(x.device))
-    groups = launchers.merge_plan(tiling.block_c, tiling.splits)[1]
+    groups = launchers.merge_plan(tiling.block_c, tiling.splits).groups
     assert tiling.splits > 1 and (groups > 1 or not channels_last), tiling
     module = triton_syncbn.SyncBatchNorm(256, momentum=1.0).cuda()
     steps = []

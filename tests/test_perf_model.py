@@ -55,15 +55,24 @@ def test_folded_merge_steps() -> None:
     from codegen import KernelLaunch
 
     from triton_syncbn.kernels import _partial_stats_kernel
+    from triton_syncbn.launchers import merge_plan
 
-    def launch(splits: int, group_splits: int) -> KernelLaunch:
+    def launch(splits: int, group_splits: int, rows: int) -> KernelLaunch:
         args = [splits if name == "num_splits" else 0 for name in _partial_stats_kernel.arg_names]
-        return KernelLaunch(_partial_stats_kernel, (1, splits), tuple(args), {"GROUP_SPLITS": group_splits})
+        kwargs = {"GROUP_SPLITS": group_splits, "MERGE_ROWS": rows}
+        return KernelLaunch(_partial_stats_kernel, (1, splits), tuple(args), kwargs)
 
-    assert perf_model.folded_merge_steps(launch(1, 1)) == 0
-    assert perf_model.folded_merge_steps(launch(8, 8)) == 2
-    assert perf_model.folded_merge_steps(launch(175, 16)) == 4  # 11 groups: one more ticket and step
-    assert perf_model.folded_merge_steps(launch(1024, 16)) == 2 + 1 + 4  # 64 groups: 4 steps of 16
+    assert perf_model.folded_merge_steps(launch(1, 1, 1)) == 0
+    assert perf_model.folded_merge_steps(launch(8, 8, 8)) == 2
+    assert perf_model.folded_merge_steps(launch(175, 16, 16)) == 4  # 11 groups: one more ticket and step
+    assert perf_model.folded_merge_steps(launch(1024, 16, 16)) == 2 + 1 + 4  # 64 groups: 4 steps of 16
+    assert perf_model.folded_merge_steps(launch(25, 32, 16)) == 3  # one level, two steps
+    # the launchers' choice is the cheapest plan, and the model counts it the same way
+    for block_c, splits, steps in ((64, 25, 3), (64, 175, 4), (64, 1024, 6), (1, 1024, 2), (8, 300, 4)):
+        plan = merge_plan(block_c, splits)
+        assert plan.serial_steps(splits) == steps, (block_c, splits, plan)
+        kwargs = launch(splits, plan.group_splits, plan.rows)
+        assert perf_model.folded_merge_steps(kwargs) == steps
 
 
 def test_occupancy_from_registers() -> None:

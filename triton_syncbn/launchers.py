@@ -12,7 +12,7 @@ import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton.language as tl
@@ -36,9 +36,10 @@ _MAX_BLOCK_C = 64
 # target (bench/perf_model.py), 5 leaves room for the rounding of splits to whole steps.
 PROGRAMS_PER_SM = 5
 # Splits of one channel block a reduction may use. Split reductions merge in the kernel itself
-# (kernels/merge.py): the last program of each group of MERGE_TILE // block_c splits adds the
-# group's float64 partials in one step of MERGE_TILE values per array, and with several groups
-# the last of those adds the groups (block_c = 64: groups of 16, at most 64 groups, 4 steps).
+# (kernels/merge.py): the last program of each group of splits adds the group's float64 partials,
+# MERGE_TILE values per array per step (MERGE_TILE // block_c rows), and with several groups the
+# last of those adds the groups; merge_plan picks the group size with the fewest serial steps
+# (block_c = 64, 1024 splits: 32 groups of 32, 6 round trips).
 # Larger steps cost registers in every program of the kernel (sm_90: 2048 values took the
 # channels_last fp32 statistics kernel from 72 to 103-128 registers), smaller ones more steps.
 MAX_SPLITS = 1024
@@ -411,12 +412,34 @@ def _blocks(tiling: Tiling) -> dict[str, int]:
             "num_warps": tiling.num_warps}  # fmt: skip
 
 
-def merge_plan(block_c: int, splits: int) -> tuple[int, int]:
-    """``(group_splits, groups)`` of a split reduction's in-kernel merge (``kernels/merge.py``):
-    splits per group (also the rows added per merge step; fixed per shape, so the summation
-    order is) and the number of groups."""
-    group_splits = min(_next_power_of_2(splits), max(MERGE_TILE // block_c, 1))
-    return group_splits, _cdiv(splits, group_splits)
+class MergePlan(NamedTuple):
+    """How a reduction split ``splits`` ways merges in-kernel (``kernels/merge.py``); fixed by the
+    shape, so the summation order is."""
+
+    group_splits: int  # splits per group (the first merge level)
+    rows: int  # partial rows added per merge step (MERGE_TILE values per array)
+    groups: int  # groups; more than one adds a second level over the groups
+
+    def serial_steps(self, splits: int) -> int:
+        """Dependent round trips on the critical path: per level a ticket and its load steps."""
+        steps = 1 + _cdiv(min(splits, self.group_splits), self.rows)
+        return steps + (1 + _cdiv(self.groups, self.rows) if self.groups > 1 else 0)
+
+
+def merge_plan(block_c: int, splits: int) -> MergePlan:
+    """The ``MergePlan`` with the fewest serial steps for ``splits`` splits of ``block_c``-channel
+    blocks: groups of ``rows x 2**k`` splits (e.g. 25 splits of 64 channels: one level of two
+    steps, 3 round trips, rather than two levels of one, 4; 175 splits: 11 groups of 16, 4)."""
+    rows = min(_next_power_of_2(splits), max(MERGE_TILE // block_c, 1))
+    best = None
+    group_splits = rows
+    while True:
+        plan = MergePlan(group_splits, rows, _cdiv(splits, group_splits))
+        if best is None or plan.serial_steps(splits) <= best.serial_steps(splits):
+            best = plan
+        if group_splits >= splits:
+            return best
+        group_splits *= 2
 
 
 def _tickets_needed(channels: int, block_c: int, splits: int) -> int:
@@ -425,7 +448,7 @@ def _tickets_needed(channels: int, block_c: int, splits: int) -> int:
     if splits <= 1:
         return 0
     blocks = _cdiv(channels, block_c)
-    _, groups = merge_plan(block_c, splits)
+    groups = merge_plan(block_c, splits).groups
     return blocks * groups + (blocks if groups > 1 else 0)
 
 
@@ -451,8 +474,8 @@ def _merge_arguments(
     ``[2, splits + groups, C]`` and the tickets (``merge_tickets``, checked, or zeros
     allocated for this call), or Nones for an unsplit one."""
     splits = tiling.splits
-    group_splits, groups = merge_plan(tiling.block_c, splits)
-    constexprs = {"GROUP_SPLITS": group_splits}
+    plan = merge_plan(tiling.block_c, splits)
+    constexprs = {"GROUP_SPLITS": plan.group_splits, "MERGE_ROWS": plan.rows}
     if splits <= 1:
         return None, None, constexprs
     needed = _tickets_needed(channels, tiling.block_c, splits)
@@ -464,7 +487,7 @@ def _merge_arguments(
             f"(launchers.new_merge_tickets); got {merge_tickets.dtype} {tuple(merge_tickets.shape)} "
             f"on {merge_tickets.device}"
         )
-    partials = torch.empty(2, splits + groups, channels, dtype=torch.float64, device=device)
+    partials = torch.empty(2, splits + plan.groups, channels, dtype=torch.float64, device=device)
     return partials, merge_tickets, constexprs
 
 
