@@ -426,6 +426,7 @@ class MergePlan(NamedTuple):
         return steps + (1 + _cdiv(self.groups, self.rows) if self.groups > 1 else 0)
 
 
+@functools.lru_cache(maxsize=1024)
 def merge_plan(block_c: int, splits: int) -> MergePlan:
     """The ``MergePlan`` with the fewest serial steps for ``splits`` splits of ``block_c``-channel
     blocks: groups of ``rows x 2**k`` splits (e.g. 25 splits of 64 channels: one level of two
@@ -442,6 +443,7 @@ def merge_plan(block_c: int, splits: int) -> MergePlan:
         group_splits *= 2
 
 
+@functools.lru_cache(maxsize=4096)
 def _tickets_needed(channels: int, block_c: int, splits: int) -> int:
     """Merge tickets a reduction over ``channels`` in blocks of ``block_c`` split ``splits`` ways
     uses: one per group of each channel block, plus one per channel block with several groups."""
