@@ -253,7 +253,7 @@ UNSYNCHRONIZED = [
     Case(batches=(3,), tail=(3, 2, 3, 4), activation="relu", channels_last=True, affine=False),
     Case(batches=(4,), tail=(5, 9), dtype=torch.float64, param_dtype=torch.float64, activation="silu", residual="same"),
     Case(batches=(3,), tail=(4, 5, 5), residual="same"),  # identity activation: dresidual is dy
-    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float64, activation="relu"),  # float32 weight: two stages
+    Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float64, activation="relu"),  # float32 weight
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, residual="same"),  # no activation
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, residual="same", channels_last=True),
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),  # z in float32
@@ -261,11 +261,12 @@ UNSYNCHRONIZED = [
     Case(batches=(4,), tail=(4, 5, 5), dtype=torch.float16, param_dtype=torch.float16, residual="same"),  # fp16 weight
     Case(batches=(4,), tail=(6,), dtype=torch.bfloat16, activation="relu", track_running_stats=False),
 ]
-# Whether the backward runs on ATen's whole-batch BatchNorm backward (where the weight is in the
-# accumulation dtype), and whether the forward's statistics are one ATen call (where the running
-# statistics are): neither for float64 input with float32 parameters, nor for fp16 parameters.
-SERVED = [True] * 6 + [False] + [True] * 4 + [False, True]
-FORWARD_SERVED = SERVED
+# Whether the backward runs on ATen's whole-batch BatchNorm backward (always here: the weight goes
+# to ATen in the accumulation dtype), and whether the forward's statistics are one ATen call (where
+# the running statistics are in the accumulation dtype: not for float64 input with float32
+# buffers, nor for fp16 ones).
+SERVED = [True] * 13
+FORWARD_SERVED = [True] * 6 + [False] + [True] * 4 + [False, True]
 
 
 @pytest.mark.parametrize(

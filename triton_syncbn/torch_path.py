@@ -435,12 +435,11 @@ def backward_reduce(
 
 def unsynchronized_backward_serves(x: torch.Tensor, weight: torch.Tensor | None, saved: SavedStatistics) -> bool:
     """Whether ``unsynchronized_backward`` can take a backward with nothing to synchronize:
-    batch statistics, a non-empty ``[N, C, S]`` view of a contiguous or channels_last input (the
-    layouts ATen returns its gradient in), and a weight of the accumulation dtype (what ATen's
-    backward takes with bf16/fp16 input)."""
+    batch statistics and a non-empty ``[N, C, S]`` view of a contiguous or channels_last input
+    (the layouts ATen returns its gradient in). ``weight`` may be of any dtype: ATen's backward
+    gets it in the accumulation dtype (a ``[C]`` conversion), as ``_pre_activation_into`` uses it."""
     return (
         saved.batch_stats
-        and (weight is None or weight.dtype == saved.mean.dtype)
         and x.shape[0] * x.shape[2] > 0
         and (x.is_contiguous() or _four_d(x).is_contiguous(memory_format=torch.channels_last))
     )
@@ -498,7 +497,7 @@ def unsynchronized_backward(
     grad_input = grad_weight = grad_bias = None
     if any(mask):
         grad_input, grad_weight, grad_bias = _aten.native_batch_norm_backward(
-            _four_d(dy), _four_d(x), weight, None, None, mean, invstd, True, 0.0, mask
+            _four_d(dy), _four_d(x), _as(weight, mean.dtype), None, None, mean, invstd, True, 0.0, mask
         )
         grad_input = None if grad_input is None else grad_input.view(x.shape)
     if totals is not None:
