@@ -326,3 +326,72 @@ def module_merge_tickets() -> dict[str, object] | None:
         "not_state": "_merge_tickets_by_device" not in dict(module.named_buffers())
         and all("ticket" not in key for key in module.state_dict()),
     }
+
+
+def split_merges_in_any_arrival_order(seed: int) -> dict[str, bool] | None:
+    """Rank 0 alone, under the interpreter: the split reductions (one and two merge levels) run
+    with their programs in the grid's order and in shuffled orders, so a different program takes
+    each last ticket. Reports whether every order gave the same bits, whether those match a
+    float64 reference, and whether the tickets came back zero.
+
+    The interpreter runs programs one after another; shuffling goes through its program-id setter
+    (``interpreter_builder.set_grid_idx``, a private API: a Triton that renames it fails this
+    loudly rather than skipping it)."""
+    import torch.distributed as dist
+    from triton.runtime import interpreter
+
+    from triton_syncbn.contract import Epilogue, SavedStatistics
+
+    if dist.get_rank() != 0:
+        return None
+    builder = interpreter.interpreter_builder
+    natural = builder.set_grid_idx
+    gen = torch.Generator().manual_seed(seed)
+    cases = (((64, 64, 1, 2), (64, 1, 64)), ((6, 5, 7, 9), (1, 16, 5)))  # channels_last, 2 levels; contiguous
+    report = {"same_bits": True, "accurate": True, "tickets_zero": True}
+    for shape, tiles in cases:
+        # float64: partials with full 53-bit mantissas, so a different summation order shows in
+        # the bits (float32 data summed in float64 is often exact in any order)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 5
+        if shape[1] == 64:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+        view, grad_view = channel_view(x), channel_view(dy)
+        tiling = launchers.Tiling.split(view, *tiles)
+        dims = [0, *range(2, x.dim())]
+        mean, invstd = x.double().mean(dims), x.double().var(dims, correction=0).add(1e-5).rsqrt()
+        saved = SavedStatistics(mean, invstd, torch.full_like(mean, x.numel() / shape[1]))
+        tickets = launchers.new_merge_tickets(shape[1], x.device)
+        runs = []
+        for order in range(4):
+            permutations: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
+
+            def shuffled(px: int, py: int, pz: int, permutations: dict = permutations) -> None:
+                nx, ny, nz = builder.grid_dim
+                if (nx, ny, nz) not in permutations:
+                    ids = [(a, b, c) for a in range(nx) for b in range(ny) for c in range(nz)]
+                    permutations[nx, ny, nz] = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
+                return natural(*permutations[nx, ny, nz][(px * ny + py) * nz + pz])
+
+            if order:
+                builder.set_grid_idx = shuffled
+            try:
+                stats = launchers.partial_stats(view, tickets, tiling=tiling)
+                sums, _, _ = launchers.backward_reduce(
+                    grad_view, view, None, None, saved, Epilogue(), None, None, tickets, tiling=tiling
+                )
+            finally:
+                builder.set_grid_idx = natural
+            runs.append((stats.clone(), sums.clone()))
+            report.setdefault("orders", 0)
+            report["orders"] += bool(permutations)
+        report["same_bits"] &= all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
+        exact = x.double()
+        count = torch.full_like(mean, x.numel() / shape[1])
+        expected_stats = torch.stack([count, exact.sum(dims), exact.square().sum(dims)])
+        xhat = (exact - mean.view(1, -1, *[1] * (x.dim() - 2))) * invstd.view(1, -1, *[1] * (x.dim() - 2))
+        expected_sums = torch.stack([dy.double().sum(dims), (dy.double() * xhat).sum(dims)])
+        report["accurate"] &= torch.allclose(runs[0][0], expected_stats, rtol=1e-6, atol=1e-6)
+        report["accurate"] &= torch.allclose(runs[0][1].double(), expected_sums, rtol=1e-4, atol=1e-4)
+        report["tickets_zero"] &= bool((tickets == 0).all())
+    return report

@@ -17,6 +17,7 @@ from kernel_tasks import (
     module_merge_tickets,
     parameter_dtype,
     run_kernel_case,
+    split_merges_in_any_arrival_order,
 )
 from oracle import assert_close, fused_epilogue
 from triton_syncbn.contract import Epilogue
@@ -247,6 +248,14 @@ def test_module_keeps_its_merge_tickets_zero(clusters) -> None:
     its split reductions leave them zero; the functional API (tickets per call) agrees bitwise."""
     result = clusters("interpreter").run(module_merge_tickets)[0]
     assert result == {"kept": True, "zero": True, "same_output": True, "not_state": True}
+
+
+def test_split_merges_give_the_same_bits_in_any_arrival_order(clusters) -> None:
+    """The in-kernel merges with the programs run in shuffled orders (a different program takes
+    each last ticket, one and two merge levels): the same bits as in grid order, float64-accurate,
+    tickets left zero. On a GPU the order is the hardware's; this is the interpreter's stand-in."""
+    report = clusters("interpreter").run(split_merges_in_any_arrival_order, 7)[0]
+    assert report == {"same_bits": True, "accurate": True, "tickets_zero": True, "orders": 6}, report
 
 
 def test_merge_tickets_are_checked() -> None:
