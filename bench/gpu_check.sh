@@ -65,7 +65,7 @@ tail -n 8 "$out/benchmark.log"
 
 if command -v ncu > /dev/null; then
     step ncu 50 ncu --clock-control none --csv --page details --launch-count 40 \
-        --kernel-name "regex:_(partial_stats|normalize|backward_reduce|backward_dx|combine_stats|combine_grad_sums)_kernel" \
+        --kernel-name "regex:_(partial_stats|normalize|backward_reduce|backward_dx)_kernel" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
         --section WarpStateStats \
         python3 bench/kernel_times.py --no-profile --shapes S4 S9 S2 S1 --out "$work/ncu-run" \
