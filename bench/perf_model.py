@@ -117,6 +117,7 @@ MAX_MERGE_STEPS = 64
 MAX_KERNELS = 2
 
 STREAMING = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
+# The separate merge kernels of older revisions (the model still reads those, e.g. the baseline).
 MERGES = {"_combine_stats_kernel", "_combine_grad_sums_kernel"}
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")

@@ -170,7 +170,7 @@ def test_gpu_sized_grid_splits_along_n_and_s() -> None:
 
 
 def test_splits_actually_split(clusters) -> None:
-    """The forced tilings above really run several programs per channel (the combine kernels)."""
+    """The forced tilings above really run several programs per channel (the in-kernel merges)."""
     results = clusters("interpreter").run(run_kernel_case, CASES[1])[0]
     assert results["tiling"].splits > 1
 
