@@ -53,6 +53,8 @@ SPECS = [
     Spec("S4 fp32 contiguous", (32, 256, 56, 56), torch.float32),
     Spec("S4 bf16 channels_last", (32, 256, 56, 56), torch.bfloat16, torch.channels_last),
     Spec("S3 fp32 contiguous, 8 splits", (32, 64, 112, 112), torch.float32, splits=8),
+    # batch 1 per rank (detection, segmentation): N is the JIT's constant 1, channels split along S
+    Spec("batch 1, splits along S", (1, 8, 512, 512), torch.float32),
     Spec("S2 fp16 2-D", (256, 4096), torch.float16),
     Spec("S11 fp64 channels_last_3d", (2, 32, 128, 128, 128), torch.float64, torch.channels_last_3d),
     Spec("S6 bf16 relu + residual", (256, 256, 56, 56), torch.bfloat16, activation="relu", residual=True),

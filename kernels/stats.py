@@ -107,19 +107,17 @@ def _partial_stats_kernel(
         acc_sumsq += shifted * shifted
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
 
-    count = (tl.maximum(n_hi - n_lo, 0).to(tl.float64) * tl.maximum(s_hi - s_lo, 0).to(tl.float64)) + tl.zeros(
-        [BLOCK_C], dtype=tl.float64
-    )
+    # Every channel's local count is N x S, split or not (written so that N or S specialized to the
+    # constant 1 by Triton's JIT still works: batch 1 per rank splits along S).
+    count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * S
     shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)  # the one reduction, in float64
     shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
     if partials_ptr is None:
         _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
-    else:
-        # Every channel's count is N x S: only the shifted sums need merging.
+    else:  # the count needs no merging: only the shifted sums
         done, shifted_sum, shifted_sumsq = merge_splits(
             partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, shifted_sum, shifted_sumsq,
             BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
         )  # fmt: skip
         if done:
-            count = N.to(tl.float64) * S + tl.zeros([BLOCK_C], dtype=tl.float64)
             _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)

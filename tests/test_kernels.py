@@ -29,6 +29,7 @@ EPS, MOMENTUM, NUM_BATCHES = 1e-3, 0.25, 3
 CASES = [
     KernelCase((6, 5, 7, 9)),  # launchers' own tiling
     KernelCase((6, 5, 7, 9), tiles=(2, 16, 5)),  # 5 splits, a short last chunk, a partial channel block
+    KernelCase((1, 4, 6, 10), tiles=(1, 16, 4)),  # batch 1: the channel split along S only
     KernelCase((4, 5, 3, 6), torch.bfloat16, "channels_last", tiles=(4, 8, 3)),
     KernelCase((37, 6), torch.float16, tiles=(8, 4, 4)),  # 2-D: channels contiguous, C < BLOCK_C
     KernelCase((3, 4, 2, 3, 5), torch.float64, "channels_last", tiles=(2, 8, 2)),  # channels_last_3d
