@@ -285,12 +285,9 @@ def folded_merge_steps(launch: KernelLaunch) -> int:
     splits = dict(zip(launch.kernel.arg_names, launch.args, strict=False))["num_splits"]
     if splits <= 1:
         return 0
-    group_splits, rows = launch.kwargs["GROUP_SPLITS"], launch.kwargs["MERGE_ROWS"]
-    groups = triton.cdiv(splits, group_splits)
-    steps = 1 + triton.cdiv(min(splits, group_splits), rows)
-    if groups > 1:
-        steps += 1 + triton.cdiv(groups, rows)
-    return steps
+    group_splits = launch.kwargs["GROUP_SPLITS"]
+    plan = launchers.MergePlan(group_splits, launch.kwargs["MERGE_ROWS"], triton.cdiv(splits, group_splits))
+    return plan.serial_steps(splits)
 
 
 def kernel_figures(

@@ -122,7 +122,7 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
     views = _with_residual_view(epilogue)
     grad_input = grad_residual = grad_weight = grad_bias = sums = None
     group = group_from_name(call.group_name)
-    if group is None and ops is torch_path and torch_path.unsynchronized_backward_serves(x, weight, saved):
+    if group is None and ops is torch_path and torch_path.unsynchronized_backward_serves(x, saved):
         return _unsynchronized_cpu_backward(call, x, grad_out, views)
     if needs.weight or needs.bias or (needs.input and saved.batch_stats):
         sums, grad_weight, grad_bias = ops.backward_reduce(

@@ -433,10 +433,10 @@ def backward_reduce(
     return sums, grad_weight, grad_bias
 
 
-def unsynchronized_backward_serves(x: torch.Tensor, weight: torch.Tensor | None, saved: SavedStatistics) -> bool:
+def unsynchronized_backward_serves(x: torch.Tensor, saved: SavedStatistics) -> bool:
     """Whether ``unsynchronized_backward`` can take a backward with nothing to synchronize:
     batch statistics and a non-empty ``[N, C, S]`` view of a contiguous or channels_last input
-    (the layouts ATen returns its gradient in). ``weight`` may be of any dtype: ATen's backward
+    (the layouts ATen returns its gradient in). The weight may be of any dtype: ATen's backward
     gets it in the accumulation dtype (a ``[C]`` conversion), as ``_pre_activation_into`` uses it."""
     return (
         saved.batch_stats
