@@ -34,7 +34,10 @@ def _is_last_arrival(tickets_ptr, index, arrivals):
     ``arrivals``-th (which then owns the merge, and resets the ticket to zero)."""
     tl.debug_barrier()  # every thread's partial stores come before the release below
     ticket = tl.atomic_add(tickets_ptr + index, 1, sem="acq_rel", scope="gpu")
-    return ticket == arrivals - 1
+    last = ticket == arrivals - 1
+    if last:  # every other program of the group has taken its ticket: zero for the next launch
+        tl.store(tickets_ptr + index, 0)
+    return last
 
 
 @triton.jit
@@ -82,7 +85,6 @@ def merge_splits(
     done = split < 0  # False, as a tensor (both branches below must yield one)
     ticket = block * groups + group
     if _is_last_arrival(tickets_ptr, ticket, members):
-        tl.store(tickets_ptr + ticket, 0)
         first, second = _sum_rows(
             partials_ptr, array_stride, group_first, members, channels, channel_mask, C, BLOCK_C, MERGE_ROWS
         )
@@ -92,7 +94,6 @@ def merge_splits(
             _store_row(partials_ptr, array_stride, num_splits + group, channels, channel_mask, C, first, second)
             top = tl.num_programs(0) * groups + block
             if _is_last_arrival(tickets_ptr, top, groups):
-                tl.store(tickets_ptr + top, 0)
                 first, second = _sum_rows(
                     partials_ptr, array_stride, num_splits, groups, channels, channel_mask, C, BLOCK_C, MERGE_ROWS
                 )
