@@ -47,13 +47,14 @@ FLUSH_STEPS = tl.constexpr(32)
 @triton.jit
 def _grad_before_activation(
     dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
-    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
-    """``dy * act'(z)`` for ``z = (x - mean) * invstd * weight + bias (+ residual)``, recomputed."""
+    """``dy * act'(z)`` for ``z = (x - mean) * invstd * weight + bias (+ residual)``, recomputed
+    (``PAIRED``: the residual comes from vector loads, see ``widen``)."""
     if ACTIVATION != 0:
         z = (x - mean[:, None]) * (invstd * weight)[:, None] + bias[:, None]
         if residual_ptr is not None:
-            z += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            z += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, PAIRED)
         dy = activation_backward(z, dy, negative_slope, ACTIVATION)
     return dy
 
@@ -144,14 +145,14 @@ def _backward_reduce_kernel(
             mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
             dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC)
             x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
-            dy = widen(tl.load(dy_pointers, mask=mask, other=0.0), ACC_DTYPE)
-            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            dy = widen(tl.load(dy_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)
+            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)
             r_pointers = r_offsets  # unused without a residual
             if residual_ptr is not None:
                 r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             dy = _grad_before_activation(
                 dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
-                ACTIVATION, ACC_DTYPE,
+                ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
             )  # fmt: skip
             acc_dy += dy
             acc_dy_xmu += dy * (x - mean[:, None])  # masked lanes: dy = 0, x = 0, mean finite -> 0
@@ -246,17 +247,17 @@ def _backward_dx_kernel(
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
         dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), mask=mask, other=0.0)
-        dy = widen(dy, ACC_DTYPE)
+        dy = widen(dy, ACC_DTYPE, VEC * CVEC > 1)
         if BATCH_STATS or ACTIVATION != 0:
             x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
-            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)
         r_pointers = r_offsets  # unused without a residual
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
         if ACTIVATION != 0:
             dy = _grad_before_activation(
                 dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
-                ACTIVATION, ACC_DTYPE,
+                ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
             )  # fmt: skip
         if grad_residual_ptr is not None:
             gr_pointers = step_pointers(grad_residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)

@@ -88,20 +88,74 @@ def step_pointers(ptr, offsets, n0, s0, stride_n, stride_s, VEC: tl.constexpr, C
 
 
 @triton.jit
+def step_lanes_valid(
+    lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
+    WHOLE_N: tl.constexpr = False, WHOLE_S: tl.constexpr = False,
+):  # fmt: skip
+    """``[BLOCK_M]``: which lanes of the step at ``(n0, s0)`` fall inside the rectangle, constant
+    over each aligned run of ``VEC`` positions. ``WHOLE_N`` / ``WHOLE_S``: the launcher proved
+    that every step lies inside the rectangle along N / S (N, S multiples of the block), so that
+    compare is left out."""
+    if WHOLE_N:
+        rows = lane_n >= 0
+    else:
+        rows = lane_n < (n_hi - n0)  # scalar bounds: one compare per element
+    if BLOCK_S > 1 and not WHOLE_S:
+        rows = rows & (lane_s_run < (s_hi - s0))
+    if VEC > 1:
+        rows = tl.max_constancy(rows, VEC)
+    return rows
+
+
+@triton.jit
 def step_mask(
     channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr, CVEC: tl.constexpr
 ):
     """``[BLOCK_C, BLOCK_M]`` mask of the valid elements of one step, constant over each aligned
     run of ``VEC`` positions and of ``CVEC`` channels (so it does not split 128-bit accesses)."""
-    rows = lane_n < (n_hi - n0)  # scalar bounds: one compare per element
-    if BLOCK_S > 1:
-        rows = rows & (lane_s_run < (s_hi - s0))
+    rows = step_lanes_valid(lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
     mask = channel_mask[:, None] & rows[None, :]
     if VEC > 1:
         mask = tl.max_constancy(mask, [1, VEC])
     if CVEC > 1:
         mask = tl.max_constancy(mask, [CVEC, 1])
     return mask
+
+
+@triton.jit
+def parking_offsets(channels, C, stride_c, stride_s, INT64: tl.constexpr, VEC: tl.constexpr):
+    """Offsets ``[BLOCK_C, VEC]`` of the *parking* run of each channel: sample 0, positions
+    ``0 .. VEC - 1`` of channel ``c mod C`` (inside the tensor whenever it is not empty; S is a
+    multiple of VEC). A reduction points the lanes that fall outside its rectangle at the run
+    (``per_lane``) instead of masking them, and shifts every lane by the element it parks on:
+    those reads add exactly zero, with no select on the values. Runs of ``CVEC`` channels (C a
+    multiple of CVEC) park on runs of channels, so the accesses stay 128-bit."""
+    parked_channels = channels % C  # once per program; only channels past C move
+    if INT64:
+        parked_channels = parked_channels.to(tl.int64)
+    return parked_channels[:, None] * stride_c + tl.arange(0, VEC)[None, :] * stride_s
+
+
+@triton.jit
+def per_lane(run, BLOCK_M: tl.constexpr):
+    """A ``[BLOCK_C, VEC]`` run repeated along a step's lanes: ``[BLOCK_C, BLOCK_M]`` whose lane
+    ``l`` holds ``run[:, l % VEC]``. A broadcast in registers (a thread holds whole runs), so
+    equal values stay one register."""
+    BLOCK_C: tl.constexpr = run.shape[0]
+    VEC: tl.constexpr = run.shape[1]
+    if VEC == 1:
+        return tl.broadcast_to(run, [BLOCK_C, BLOCK_M])
+    repeated = tl.broadcast_to(run[:, None, :], [BLOCK_C, BLOCK_M // VEC, VEC])
+    return tl.reshape(repeated, [BLOCK_C, BLOCK_M])
+
+
+@triton.jit
+def lane_visits(lane_n, lane_s, n_lo, n_hi, s_lo, s_hi, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``[BLOCK_M]``: the steps of the walk over ``[n_lo, n_hi) x [s_lo, s_hi)`` in which each lane
+    is inside the rectangle (the elements it adds up)."""
+    rows = tl.maximum(tl.cdiv(n_hi - n_lo - lane_n, BLOCK_N), 0)
+    positions = tl.maximum(tl.cdiv(s_hi - s_lo - lane_s, BLOCK_S), 0)
+    return rows * positions
 
 
 @triton.jit
@@ -139,9 +193,21 @@ def to_element_type(value, pointer):
 
 
 @triton.jit
-def widen(x, ACC_DTYPE: tl.constexpr):
-    """``x`` in ``ACC_DTYPE``; bfloat16 by placing its bits in the high half of a float32 (exact,
-    one integer op per element where the generic conversion compiles to about two)."""
+def widen(x, ACC_DTYPE: tl.constexpr, PAIRED: tl.constexpr = False):
+    """``x`` in ``ACC_DTYPE``; bfloat16 by placing its bits in the high half of a float32: exact,
+    one integer op per element. ``PAIRED``: ``x`` came from vector loads, so neighbouring elements
+    share a 32-bit register; compiled, inline PTX then widens each packed pair with a shift (low
+    half) and a mask (high half), where the generic code compiles to 2-3 ops per high half."""
     if x.dtype == tl.bfloat16 and ACC_DTYPE == tl.float32:
+        if _PTX and PAIRED:
+            return tl.inline_asm_elementwise(
+                "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                dtype=tl.float32, is_pure=True, pack=2,
+            )  # fmt: skip
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     return x.to(ACC_DTYPE)
+
+
+# Inline PTX (``widen``) only where the kernels compile: Triton's interpreter, chosen when a kernel
+# is decorated (TRITON_INTERPRET=1), runs them as Python on the CPU and has no assembler.
+_PTX = tl.constexpr(type(widen).__name__ != "InterpretedFunction")

@@ -196,10 +196,10 @@ def _normalize_kernel(
         mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
         x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=0.0)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
-        y = (widen(x, ACC_DTYPE) - mean[:, None]) * scale[:, None] + shift[:, None]
+        y = (widen(x, ACC_DTYPE, VEC * CVEC > 1) - mean[:, None]) * scale[:, None] + shift[:, None]
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
-            y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE)
+            y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)
         y = apply_activation(y, negative_slope, ACTIVATION)
         y_pointers = step_pointers(y_ptr, y_offsets, n0, s0, stride_yn, stride_ys, VEC, CVEC)
         tl.store(y_pointers, y.to(y_ptr.dtype.element_ty), mask=mask)

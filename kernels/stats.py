@@ -26,7 +26,19 @@ separate merge kernel, bitwise reproducible.
 import triton
 import triton.language as tl
 
-from .indexing import advance, lane_offsets, lanes, split_bounds, step_count, step_mask, step_pointers, widen
+from .indexing import (
+    advance,
+    lane_offsets,
+    lane_visits,
+    lanes,
+    parking_offsets,
+    per_lane,
+    split_bounds,
+    step_count,
+    step_lanes_valid,
+    step_pointers,
+    widen,
+)
 from .merge import merge_splits
 
 
@@ -80,6 +92,8 @@ def _partial_stats_kernel(
     VEC: tl.constexpr,  # >1: aligned runs of VEC positions are contiguous (128-bit accesses)
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
+    WHOLE_N: tl.constexpr,  # every step lies inside its split along N (N a multiple of BLOCK_N)
+    WHOLE_S: tl.constexpr,  # ... and along S (S a multiple of BLOCK_S)
     GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
     MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
 ):
@@ -89,7 +103,22 @@ def _partial_stats_kernel(
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
     offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
-    pilot_x = pilot.to(x_ptr.dtype.element_ty)[:, None]  # exact: the pilot is an element of x (or 0)
+    # Lanes outside the rectangle (and channels past C) read their parking element instead, and
+    # each lane is shifted by its own parking element, so those reads add exactly zero: no mask and
+    # no per-element select in the loop. channels_last parks every lane of a channel on sample 0,
+    # the channel's pilot; the contiguous layout parks on sample 0 at the lane's own position.
+    parking = parking_offsets(channels, C, stride_xc, stride_xs, INT64, VEC)
+    parked = x_ptr + per_lane(parking, BLOCK_N * BLOCK_S)
+    if CVEC > 1:
+        parked = tl.max_contiguous(tl.multiple_of(parked, [16, 1]), [CVEC, 1])
+    if VEC == 1:  # every lane parks on sample 0, position 0: the channel's pilot
+        lane_pilot = pilot[:, None]
+    else:
+        nonempty = (N * S + 0 * parking) > 0
+        run_pilot = tl.load(x_ptr + parking, mask=nonempty, other=0.0).to(ACC_DTYPE)
+        run_pilot = tl.where(tl.abs(run_pilot) < float("inf"), run_pilot, 0.0)  # as _load_pilot
+        lane_pilot = per_lane(run_pilot, BLOCK_N * BLOCK_S)
+        parked = tl.max_contiguous(tl.multiple_of(parked, [1, 16]), [1, VEC])
 
     # Per-lane shifted sums: no cross-thread reduction inside the loop.
     acc_sum = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
@@ -99,10 +128,16 @@ def _partial_stats_kernel(
     # NUM_STAGES > 1: Triton software-pipelines the loads (cp.async into shared memory, NUM_STAGES - 1
     # steps ahead), so a warp keeps several steps' bytes in flight instead of one.
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
-        # Masked lanes read the pilot itself, so they add exactly zero (no select per element).
-        x = tl.load(step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=pilot_x)
-        shifted = widen(x, ACC_DTYPE) - pilot[:, None]
+        pointers = step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
+        if not (WHOLE_N and (WHOLE_S or BLOCK_S == 1)):
+            valid = step_lanes_valid(lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, WHOLE_N, WHOLE_S)
+            pointers = tl.where(valid[None, :], pointers, parked)
+            if VEC > 1:  # (a pointer's divisibility is in bytes: every 128-bit run is 16-byte aligned)
+                pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
+            if CVEC > 1:
+                pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [CVEC, 1])
+        x = tl.load(pointers)
+        shifted = widen(x, ACC_DTYPE, VEC * CVEC > 1) - lane_pilot
         acc_sum += shifted
         acc_sumsq += shifted * shifted
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
@@ -110,8 +145,23 @@ def _partial_stats_kernel(
     # Every channel's local count is N x S, split or not (written so that N or S specialized to the
     # constant 1 by Triton's JIT still works: batch 1 per rank splits along S).
     count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * S
-    shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)  # the one reduction, in float64
-    shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
+    # The one reduction, in float64: each lane's sums moved from its own shift to the channel's
+    # pilot (d = lane pilot - pilot, exact; n = the elements the lane added):
+    # sum(x - pilot) = S1 + n d,  sum((x - pilot)**2) = S2 + d (2 S1 + n d).
+    if VEC == 1:
+        shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)
+        shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
+    else:
+        # Lanes l and l' with l = l' mod VEC share their shift: sum them first ([BLOCK_C, VEC]).
+        RUNS: tl.constexpr = BLOCK_N * BLOCK_S // VEC
+        visits = lane_visits(lane_n, lane_s, n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)
+        run_visits = tl.sum(tl.reshape(visits, [RUNS, VEC]), axis=0).to(tl.float64)[None, :]
+        run_sum = tl.sum(tl.reshape(acc_sum.to(tl.float64), [BLOCK_C, RUNS, VEC]), axis=1)
+        run_shift = run_pilot.to(tl.float64) - pilot.to(tl.float64)[:, None]
+        shifted_sum = tl.sum(run_sum + run_visits * run_shift, axis=1)
+        shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1) + tl.sum(
+            run_shift * (2.0 * run_sum + run_visits * run_shift), axis=1
+        )
     if partials_ptr is None:
         _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
     else:  # the count needs no merging: only the shifted sums

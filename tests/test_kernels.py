@@ -61,7 +61,16 @@ CASES = [
     KernelCase((6, 3, 8, 12), tiles=(1, 32, 16), activation="silu"),  # 6 N splits x 2 S splits, short last S chunk
     KernelCase((4, 5, 3, 6), torch.bfloat16, "channels_last", programs=528, activation="relu", residual="same"),
     KernelCase((6, 4, 10), mode="running", programs=528),
+    # the statistics' parked lanes (kernels/stats.py): 128-bit runs with partial steps along N and
+    # S (lanes shifted by 8 different elements), whole steps only, and channels_last channels past
+    # C parked on channels c mod C
+    KernelCase((5, 3, 4, 12), torch.bfloat16, tiles=(1, 128, 3)),
+    KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu"),
+    KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)),
 ]
+
+# (WHOLE_N, WHOLE_S) of the statistics launch of each parked-lane case above
+PARKED_LANE_CASES = {CASES[-3].id: (False, False), CASES[-2].id: (True, True), CASES[-1].id: (False, True)}
 
 
 def reference(case: KernelCase) -> dict[str, torch.Tensor]:
@@ -168,6 +177,24 @@ def test_gpu_sized_grid_splits_along_n_and_s() -> None:
     view = torch.empty(case.shape).view(case.shape[0], case.shape[1], -1)
     tiling = launchers.Tiling.split(view, *case.tiles)
     assert (tiling.n_splits, tiling.s_splits, tiling.chunk_s) == (6, 2, 64)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.id in PARKED_LANE_CASES], ids=lambda case: case.id)
+def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> None:
+    """The statistics kernel leaves out the masks where every step is whole (WHOLE_N/WHOLE_S) and
+    parks the other lanes; the cases above reach each combination, with 128-bit runs."""
+    from kernel_tasks import _layout, _tiling
+
+    from triton_syncbn import launchers
+    from triton_syncbn.layout import channel_view
+
+    launches = []
+    dispatch = launchers.Dispatch(4, lambda kernel, grid, args, kwargs: launches.append(kwargs))
+    view = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
+    launchers.partial_stats(view, tiling=_tiling(case, view), dispatch=dispatch)
+    (kwargs,) = launches
+    assert (kwargs["WHOLE_N"], kwargs["WHOLE_S"]) == PARKED_LANE_CASES[case.id], kwargs
+    assert kwargs["VEC"] * kwargs["CVEC"] > 1, kwargs
 
 
 def test_splits_actually_split(clusters) -> None:

@@ -398,6 +398,12 @@ def float_halves(value: float) -> tuple[float, float]:
     return high, float(value) - high
 
 
+def _whole_steps(view: torch.Tensor, tiling: Tiling) -> dict[str, bool]:
+    """WHOLE_N / WHOLE_S: every step of every split lies inside the ``[N, C, S]`` view along N / S
+    (splits are whole steps, so it is enough that N / S are multiples of the block)."""
+    return {"WHOLE_N": view.shape[0] % tiling.block_n == 0, "WHOLE_S": view.shape[2] % tiling.block_s == 0}
+
+
 def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -527,7 +533,7 @@ def partial_stats(
         _partial_stats_kernel, tiling.grid(channels),
         (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
         dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
-             NUM_STAGES=REDUCTION_STAGES, **merge, **_blocks(tiling)),
+             NUM_STAGES=REDUCTION_STAGES, **_whole_steps(x, tiling), **merge, **_blocks(tiling)),
     )  # fmt: skip
     return packed
 
