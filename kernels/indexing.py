@@ -79,12 +79,20 @@ def step_pointers(ptr, offsets, n0, s0, stride_n, stride_s, VEC: tl.constexpr, C
     step = n0.to(tl.int64) * stride_n + s0.to(tl.int64) * stride_s
     if VEC > 1:  # hints in elements (the pointer argument itself is 16-byte aligned)
         step = tl.multiple_of(step, VEC)
-        offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, VEC]), [1, VEC])
     if CVEC > 1:
         step = tl.multiple_of(step, CVEC)
+    return tile_pointers(ptr + step, offsets, VEC, CVEC)
+
+
+@triton.jit
+def tile_pointers(base, offsets, VEC: tl.constexpr, CVEC: tl.constexpr):
+    """A step's pointers from its (uniform, scalar) base and the lane offsets, hinted as in
+    ``step_pointers``: then 32-bit lane offsets, one address add per access."""
+    if VEC > 1:
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, VEC]), [1, VEC])
+    if CVEC > 1:
         offsets = tl.max_contiguous(tl.multiple_of(offsets, [CVEC, 1]), [CVEC, 1])
-    # A uniform (scalar) base per step, then 32-bit lane offsets: one address add per access.
-    return (ptr + step) + offsets
+    return base + offsets
 
 
 @triton.jit
@@ -144,9 +152,10 @@ def per_lane(run, BLOCK_M: tl.constexpr):
     BLOCK_C: tl.constexpr = run.shape[0]
     VEC: tl.constexpr = run.shape[1]
     if VEC == 1:
-        return tl.broadcast_to(run, [BLOCK_C, BLOCK_M])
-    repeated = tl.broadcast_to(run[:, None, :], [BLOCK_C, BLOCK_M // VEC, VEC])
-    return tl.reshape(repeated, [BLOCK_C, BLOCK_M])
+        lanes = tl.broadcast_to(run, [BLOCK_C, BLOCK_M])
+    else:
+        lanes = tl.reshape(tl.broadcast_to(run[:, None, :], [BLOCK_C, BLOCK_M // VEC, VEC]), [BLOCK_C, BLOCK_M])
+    return lanes
 
 
 @triton.jit

@@ -17,6 +17,20 @@ are formed in float64. With a pilot drawn from the data, |mean - p| is a few sta
 deviations, so S2 - S1**2 / n loses only a few bits; the mean keeps torch's accuracy on
 ordinary data and the variance stays exact to ~1e-6 relative even for |mean| / std = 1e4.
 
+The loop has no masks and no per-element selects. Where a step reaches past its rectangle (or
+past C), those lanes read their *parking* element instead (``indexing.parking_offsets``:
+sample 0 of the channel, at the lane's position within its 128-bit run), and every lane is
+shifted by the element it parks on, so a parked read adds exactly zero. channels_last (and the
+contiguous layout with scalar accesses) parks every lane on the pilot itself; 128-bit runs
+along S give each of a run's VEC positions its own shift, moved to the channel's pilot after the
+loop, in float64 (d = lane shift - pilot, exact; n = the elements the lane added):
+
+    sum(x - p) = S1' + n d,   sum((x - p)**2) = S2' + d (2 S1' + n d).
+
+Where N and S are whole steps (``WHOLE_N``/``WHOLE_S``) nothing is parked and every lane takes
+the pilot. 16-bit inputs take steps of 128 bytes per thread with two lanes per accumulator
+(``FOLD``): as many registers, the loop's fixed work spread over twice the bytes.
+
 Splits of a channel (``num_splits > 1``) share the pilot, so their shifted sums simply add:
 each stores float64 ``(S1, S2)`` partials and the last program of the channel block to
 finish adds them in a fixed order and writes the packed statistics (``kernels/merge.py``): no
@@ -37,6 +51,7 @@ from .indexing import (
     step_count,
     step_lanes_valid,
     step_pointers,
+    tile_pointers,
     widen,
 )
 from .merge import merge_splits
@@ -69,6 +84,23 @@ def _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, 
 
 
 @triton.jit
+def _accumulate(acc_sum, acc_sumsq, shifted, FOLD: tl.constexpr):
+    """Add a step's shifted values ``[BLOCK_C, BLOCK_M]`` to the per-lane sums ``[BLOCK_C,
+    BLOCK_M / FOLD]``; with ``FOLD = 2`` lanes ``l`` and ``l + BLOCK_M / 2`` (one thread's, the
+    same position of another row) go to one accumulator, one after the other."""
+    if FOLD == 1:
+        acc_sum += shifted
+        acc_sumsq += shifted * shifted
+    else:
+        BLOCK_C: tl.constexpr = shifted.shape[0]
+        HALF: tl.constexpr = shifted.shape[1] // 2
+        first, second = tl.split(tl.permute(tl.reshape(shifted, [BLOCK_C, 2, HALF]), (0, 2, 1)))
+        acc_sum = (acc_sum + first) + second
+        acc_sumsq = (acc_sumsq + first * first) + second * second
+    return acc_sum, acc_sumsq
+
+
+@triton.jit
 def _partial_stats_kernel(
     x_ptr,  # input viewed as [N, C, S], any floating dtype
     out_ptr,  # float64 [3, C] packed stats (count, sum, sum of squares)
@@ -94,6 +126,8 @@ def _partial_stats_kernel(
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
     WHOLE_N: tl.constexpr,  # every step lies inside its split along N (N a multiple of BLOCK_N)
     WHOLE_S: tl.constexpr,  # ... and along S (S a multiple of BLOCK_S)
+    FOLD: tl.constexpr,  # lanes l and l + BLOCK_M / 2 share an accumulator (2) or not (1)
+    ROWS_ONLY: tl.constexpr,  # S = 1 (collapsed channels_last, 2-D): steps advance along N only
     GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
     MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
 ):
@@ -102,16 +136,17 @@ def _partial_stats_kernel(
     pilot = _load_pilot(x_ptr, channels, channel_mask, N, S, stride_xc, ACC_DTYPE, INT64)
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
-    offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
-    # Lanes outside the rectangle (and channels past C) read their parking element instead, and
-    # each lane is shifted by its own parking element, so those reads add exactly zero: no mask and
-    # no per-element select in the loop. channels_last parks every lane of a channel on sample 0,
-    # the channel's pilot; the contiguous layout parks on sample 0 at the lane's own position.
+    # Channels past C (a partial last block) read channel c mod C, unmasked: their sums are dropped.
+    offsets = lane_offsets(channels % C, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    # Parked lanes (see the module docstring): lanes outside the rectangle (and channels past C)
+    # read an element they are shifted by.
     parking = parking_offsets(channels, C, stride_xc, stride_xs, INT64, VEC)
     parked = x_ptr + per_lane(parking, BLOCK_N * BLOCK_S)
     if CVEC > 1:
         parked = tl.max_contiguous(tl.multiple_of(parked, [16, 1]), [CVEC, 1])
-    if VEC == 1:  # every lane parks on sample 0, position 0: the channel's pilot
+    PARKED: tl.constexpr = not (WHOLE_N and (WHOLE_S or BLOCK_S == 1))  # else every step is whole
+    OWN_SHIFTS: tl.constexpr = PARKED and VEC > 1
+    if not OWN_SHIFTS:  # every lane parks on sample 0, position 0 (the channel's pilot), or none does
         lane_pilot = pilot[:, None]
     else:
         nonempty = (N * S + 0 * parking) > 0
@@ -121,15 +156,20 @@ def _partial_stats_kernel(
         parked = tl.max_contiguous(tl.multiple_of(parked, [1, 16]), [1, VEC])
 
     # Per-lane shifted sums: no cross-thread reduction inside the loop.
-    acc_sum = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
-    acc_sumsq = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S // FOLD], dtype=ACC_DTYPE)
+    acc_sumsq = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S // FOLD], dtype=ACC_DTYPE)
     n0 = n_lo
     s0 = s_lo
+    rows = x_ptr + n_lo.to(tl.int64) * stride_xn  # rows-only walks (S = 1) carry their step base
     # NUM_STAGES > 1: Triton software-pipelines the loads (cp.async into shared memory, NUM_STAGES - 1
     # steps ahead), so a warp keeps several steps' bytes in flight instead of one.
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        pointers = step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
-        if not (WHOLE_N and (WHOLE_S or BLOCK_S == 1)):
+        if ROWS_ONLY:
+            pointers = tile_pointers(rows, offsets, VEC, CVEC)
+            rows += BLOCK_N * stride_xn.to(tl.int64)
+        else:
+            pointers = step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
+        if PARKED:
             valid = step_lanes_valid(lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, WHOLE_N, WHOLE_S)
             pointers = tl.where(valid[None, :], pointers, parked)
             if VEC > 1:  # (a pointer's divisibility is in bytes: every 128-bit run is 16-byte aligned)
@@ -138,17 +178,14 @@ def _partial_stats_kernel(
                 pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [CVEC, 1])
         x = tl.load(pointers)
         shifted = widen(x, ACC_DTYPE, VEC * CVEC > 1) - lane_pilot
-        acc_sum += shifted
-        acc_sumsq += shifted * shifted
+        acc_sum, acc_sumsq = _accumulate(acc_sum, acc_sumsq, shifted, FOLD)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
 
     # Every channel's local count is N x S, split or not (written so that N or S specialized to the
     # constant 1 by Triton's JIT still works: batch 1 per rank splits along S).
     count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * S
-    # The one reduction, in float64: each lane's sums moved from its own shift to the channel's
-    # pilot (d = lane pilot - pilot, exact; n = the elements the lane added):
-    # sum(x - pilot) = S1 + n d,  sum((x - pilot)**2) = S2 + d (2 S1 + n d).
-    if VEC == 1:
+    # The one reduction, in float64 (lanes with their own shift: moved to the pilot first).
+    if not OWN_SHIFTS:
         shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)
         shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
     else:
@@ -156,7 +193,7 @@ def _partial_stats_kernel(
         RUNS: tl.constexpr = BLOCK_N * BLOCK_S // VEC
         visits = lane_visits(lane_n, lane_s, n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)
         run_visits = tl.sum(tl.reshape(visits, [RUNS, VEC]), axis=0).to(tl.float64)[None, :]
-        run_sum = tl.sum(tl.reshape(acc_sum.to(tl.float64), [BLOCK_C, RUNS, VEC]), axis=1)
+        run_sum = tl.sum(tl.reshape(acc_sum.to(tl.float64), [BLOCK_C, RUNS // FOLD, VEC]), axis=1)
         run_shift = run_pilot.to(tl.float64) - pilot.to(tl.float64)[:, None]
         shifted_sum = tl.sum(run_sum + run_visits * run_shift, axis=1)
         shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1) + tl.sum(

@@ -306,9 +306,9 @@ def module_merge_tickets() -> dict[str, object] | None:
     import triton_syncbn
     from triton_syncbn.functional import sync_batch_norm
 
+    group = dist.new_group([0])  # a collective: every rank of the cluster takes part
     if dist.get_rank() != 0:
         return None
-    group = dist.new_group([0])
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(8, 2, 6, 6, generator=gen) + 2
     module = triton_syncbn.SyncBatchNorm(2, process_group=group)

@@ -62,15 +62,24 @@ CASES = [
     KernelCase((4, 5, 3, 6), torch.bfloat16, "channels_last", programs=528, activation="relu", residual="same"),
     KernelCase((6, 4, 10), mode="running", programs=528),
     # the statistics' parked lanes (kernels/stats.py): 128-bit runs with partial steps along N and
-    # S (lanes shifted by 8 different elements), whole steps only, and channels_last channels past
-    # C parked on channels c mod C
+    # S (lanes shifted by 8 different elements; 16-bit: two lanes per accumulator), along S only,
+    # whole steps only, and channels_last channels past C parked on channels c mod C
     KernelCase((5, 3, 4, 12), torch.bfloat16, tiles=(1, 128, 3)),
+    KernelCase((8, 3, 4, 12), torch.bfloat16, tiles=(1, 256, 3), activation="silu"),
     KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu"),
     KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)),
+    # channels_last_3d with one sample: the view does not collapse to rows, so the walk steps along
+    # S one position at a time (BLOCK_S = 1 with S > 1), split along S
+    KernelCase((1, 3, 2, 3, 4), torch.float32, "channels_last", tiles=(4, 4, 4)),
 ]
 
-# (WHOLE_N, WHOLE_S) of the statistics launch of each parked-lane case above
-PARKED_LANE_CASES = {CASES[-3].id: (False, False), CASES[-2].id: (True, True), CASES[-1].id: (False, True)}
+# (WHOLE_N, WHOLE_S, FOLD) of the statistics launch of each parked-lane case above
+PARKED_LANE_CASES = {
+    CASES[-5].id: (False, False, 2),
+    CASES[-4].id: (True, False, 2),
+    CASES[-3].id: (True, True, 1),
+    CASES[-2].id: (False, True, 1),
+}
 
 
 def reference(case: KernelCase) -> dict[str, torch.Tensor]:
@@ -193,7 +202,7 @@ def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> No
     view = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
     launchers.partial_stats(view, tiling=_tiling(case, view), dispatch=dispatch)
     (kwargs,) = launches
-    assert (kwargs["WHOLE_N"], kwargs["WHOLE_S"]) == PARKED_LANE_CASES[case.id], kwargs
+    assert (kwargs["WHOLE_N"], kwargs["WHOLE_S"], kwargs["FOLD"]) == PARKED_LANE_CASES[case.id], kwargs
     assert kwargs["VEC"] * kwargs["CVEC"] > 1, kwargs
 
 

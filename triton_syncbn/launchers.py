@@ -57,6 +57,10 @@ ELEMENTWISE_STAGES = 3
 # Contiguous layout: the least bytes a step reads along each (sample, channel) row, unless the row
 # is shorter (two 128-byte lines: whole DRAM bursts, few rows per step).
 MIN_RUN_BYTES = 256
+# The statistics kernel's steps for 16-bit inputs: twice the elements of _THREAD_ELEMENTS x 2 per
+# thread, two lanes per accumulator (kernels/stats.py, FOLD). sm_90: the loop's issue need
+# 1.5-1.6 -> 1.3-1.4 warp-instr/cycle/SM (bf16, 128-bit accesses), registers +25-50.
+STATISTICS_FOLD = 2
 # Steps per program the elementwise kernels (normalize, dx) aim at on large tensors.
 _ELEMENTWISE_STEPS = 16
 # Under the interpreter programs run one after another; a few splits still exercise the paths.
@@ -195,7 +199,7 @@ def _with_splits(
     return Tiling(block_c, block_n, block_s, chunk_n, chunk_s, n_splits, s_splits)
 
 
-def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> Tiling:
+def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True, fold: int = 1) -> Tiling:
     """Block sizes and splits for ``view`` ``[N, C, S]`` (already collapsed), aiming at ``programs``
     programs.
 
@@ -208,7 +212,7 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True) -> 
     The result is cached per (shape, layout, element size, programs, reduction): the launchers
     ask on every call, with the same few shapes.
     """
-    return _cached_tiling(tuple(view.shape), layout_of(view), view.element_size(), programs, reduction)
+    return _cached_tiling(tuple(view.shape), layout_of(view), view.element_size(), programs, reduction, None, fold)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -219,12 +223,13 @@ def _cached_tiling(
     programs: int,
     reduction: bool,
     config: tuning.ElementwiseConfig | None = None,
+    fold: int = 1,
 ) -> Tiling:
     """``choose_tiling``'s work; ``config`` (elementwise kernels only) replaces the elements per
     thread, warps and steps per program of the heuristic."""
     batch, channels, spatial = shape
     num_warps = _NUM_WARPS if config is None else config.num_warps
-    tile = _tile_elements(itemsize) if config is None else config.thread_elements * 32 * num_warps
+    tile = fold * (_tile_elements(itemsize) if config is None else config.thread_elements * 32 * num_warps)
     elementwise_steps = _ELEMENTWISE_STEPS if config is None else config.steps
     if layout == "channels_last":
         block_c = min(_MAX_BLOCK_C, _next_power_of_2(channels))
@@ -400,8 +405,10 @@ def float_halves(value: float) -> tuple[float, float]:
 
 def _whole_steps(view: torch.Tensor, tiling: Tiling) -> dict[str, bool]:
     """WHOLE_N / WHOLE_S: every step of every split lies inside the ``[N, C, S]`` view along N / S
-    (splits are whole steps, so it is enough that N / S are multiples of the block)."""
-    return {"WHOLE_N": view.shape[0] % tiling.block_n == 0, "WHOLE_S": view.shape[2] % tiling.block_s == 0}
+    (splits are whole steps, so it is enough that N / S are multiples of the block); ROWS_ONLY:
+    S = 1, so steps advance along N only."""
+    batch, _, spatial = view.shape
+    return {"WHOLE_N": batch % tiling.block_n == 0, "WHOLE_S": spatial % tiling.block_s == 0, "ROWS_ONLY": spatial == 1}
 
 
 def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -507,6 +514,25 @@ def _collapsed(*views: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if view is None else collapse(view) for view in views]
 
 
+def _statistics_tiling(x: torch.Tensor, forced: Tiling | None, programs: int) -> tuple[Tiling, int]:
+    """The statistics kernel's tiling of ``x`` (collapsed) and its FOLD: 16-bit inputs take
+    ``STATISTICS_FOLD`` times the usual elements per step, lanes ``l`` and ``l + block_m / 2``
+    sharing an accumulator (as many registers, the loop's fixed work spread over twice the bytes),
+    wherever the tensor has steps enough for every program at that size; else the usual tiling.
+    Folding needs ``block_n`` a multiple of the fold (the folded lanes then share a position)."""
+    if forced is not None:
+        tiling = forced.refit(x)
+        fits = x.element_size() == 2 and tiling.block_n % STATISTICS_FOLD == 0
+        return tiling, STATISTICS_FOLD if fits else 1
+    tiling = choose_tiling(x, programs)
+    if x.element_size() != 2:
+        return tiling, 1
+    folded = choose_tiling(x, programs, fold=STATISTICS_FOLD)
+    if folded.block_n % STATISTICS_FOLD or folded.block_c * folded.block_m < STATISTICS_FOLD * tiling.block_c * tiling.block_m:
+        return tiling, 1  # the larger steps were cut back (too few for the grid), or cannot fold
+    return folded, STATISTICS_FOLD
+
+
 def partial_stats(
     x: torch.Tensor,
     merge_tickets: torch.Tensor | None = None,
@@ -524,7 +550,7 @@ def partial_stats(
     """
     (x,) = _collapsed(x)
     channels = x.shape[1]
-    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
+    tiling, fold = _statistics_tiling(x, tiling, _programs(dispatch, x.device))
     acc_dtype = accumulation_dtype(x.dtype)
     packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
     partials, tickets, merge = _merge_arguments(channels, tiling, merge_tickets, x.device)
@@ -533,7 +559,7 @@ def partial_stats(
         _partial_stats_kernel, tiling.grid(channels),
         (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
         dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
-             NUM_STAGES=REDUCTION_STAGES, **_whole_steps(x, tiling), **merge, **_blocks(tiling)),
+             NUM_STAGES=REDUCTION_STAGES, FOLD=fold, **_whole_steps(x, tiling), **merge, **_blocks(tiling)),
     )  # fmt: skip
     return packed
 
