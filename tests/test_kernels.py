@@ -193,7 +193,6 @@ def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> No
     """The statistics kernel leaves out the masks where every step is whole (WHOLE_N/WHOLE_S) and
     parks the other lanes; the cases above reach each combination, with 128-bit runs."""
     from kernel_tasks import _layout, _tiling
-
     from triton_syncbn import launchers
     from triton_syncbn.layout import channel_view
 

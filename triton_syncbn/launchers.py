@@ -528,8 +528,9 @@ def _statistics_tiling(x: torch.Tensor, forced: Tiling | None, programs: int) ->
     if x.element_size() != 2:
         return tiling, 1
     folded = choose_tiling(x, programs, fold=STATISTICS_FOLD)
-    if folded.block_n % STATISTICS_FOLD or folded.block_c * folded.block_m < STATISTICS_FOLD * tiling.block_c * tiling.block_m:
-        return tiling, 1  # the larger steps were cut back (too few for the grid), or cannot fold
+    cut_back = folded.block_c * folded.block_m < STATISTICS_FOLD * tiling.block_c * tiling.block_m
+    if cut_back or folded.block_n % STATISTICS_FOLD:
+        return tiling, 1  # the larger steps were cut back (too few steps for the grid), or cannot fold
     return folded, STATISTICS_FOLD
 
 
