@@ -58,7 +58,12 @@ SPECS = [
     Spec("S2 fp16 2-D", (256, 4096), torch.float16),
     Spec("S11 fp64 channels_last_3d", (2, 32, 128, 128, 128), torch.float64, torch.channels_last_3d),
     Spec("S6 bf16 relu + residual", (256, 256, 56, 56), torch.bfloat16, activation="relu", residual=True),
-    Spec("S1 fp32 (S = 49: no aligned runs)", (32, 2048, 7, 7), torch.float32, expect_vector=False),
+    Spec(
+        "S1 fp32 (S = 49: scalar reductions; channel runs elementwise)",
+        (32, 2048, 7, 7),
+        torch.float32,
+        expect_vector=False,
+    ),
     # 2**31+ elements: 64-bit step offsets, 32-bit lane offsets within a tile suffice
     Spec("2**31+ elements fp32", (32, 64, 1024, 1056), torch.float32),
     Spec("one tile spans 2**31+ elements fp16", (1, 4096, 1024, 1024), torch.float16, expect_int64=True),

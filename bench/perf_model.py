@@ -272,7 +272,8 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
         rows = triton.cdiv(min(chunk_n, n - n_lo), block_n) if n else 0
         for s_lo in range(0, s, chunk_s):
             steps += rows * triton.cdiv(min(chunk_s, s - s_lo), block_s)
-    lanes = steps * launch.grid[0] * block_c * block_n * block_s
+    tile_channels = 1 if kwargs.get("RUN_CHANNELS") else block_c  # channel runs: a [1, BLOCK_M] tile
+    lanes = steps * launch.grid[0] * tile_channels * block_n * block_s
     return numel / lanes if lanes else 1.0
 
 

@@ -31,6 +31,8 @@ from .indexing import (
     lane_offsets,
     lanes,
     load_affine,
+    run_channel_block,
+    run_lanes,
     split_bounds,
     step_count,
     step_mask,
@@ -46,13 +48,14 @@ FLUSH_STEPS = tl.constexpr(32)
 
 @triton.jit
 def _grad_before_activation(
-    dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
+    dy, x, mean, scale, bias, residual_ptr, r_pointers, mask, negative_slope,
     ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
-    """``dy * act'(z)`` for ``z = (x - mean) * invstd * weight + bias (+ residual)``, recomputed
-    (``PAIRED``: the residual comes from vector loads, see ``widen``)."""
+    """``dy * act'(z)`` for ``z = (x - mean) * scale + bias (+ residual)`` (``scale = invstd *
+    weight``; each broadcastable to the tile), recomputed (``PAIRED``: the residual comes from
+    vector loads, see ``widen``)."""
     if ACTIVATION != 0:
-        z = (x - mean[:, None]) * (invstd * weight)[:, None] + bias[:, None]
+        z = (x - mean) * scale + bias
         if residual_ptr is not None:
             z += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, PAIRED)
         dy = activation_backward(z, dy, negative_slope, ACTIVATION)
@@ -151,8 +154,8 @@ def _backward_reduce_kernel(
             if residual_ptr is not None:
                 r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             dy = _grad_before_activation(
-                dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
-                ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
+                dy, x, mean[:, None], (invstd * weight)[:, None], bias[:, None], residual_ptr, r_pointers, mask,
+                negative_slope, ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
             )  # fmt: skip
             acc_dy += dy
             acc_dy_xmu += dy * (x - mean[:, None])  # masked lanes: dy = 0, x = 0, mean finite -> 0
@@ -219,13 +222,15 @@ def _backward_dx_kernel(
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # dy, dx (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
+    RUN_CHANNELS: tl.constexpr,  # >0: channel runs (launchers.channel_run_tiling): channels per program
+    channel_size,  # positions per channel (with channel runs S is the run's length)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
         stride_dxn, stride_dxc, stride_dxs = stride_xn, stride_xc, stride_xs
         stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
+    pid_c = tl.program_id(0)
+    channels, channel_mask = run_channel_block(C, RUN_CHANNELS, BLOCK_C)
     negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
     invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
@@ -235,17 +240,40 @@ def _backward_dx_kernel(
         count = tl.maximum(tl.load(count_ptr + channels, mask=channel_mask, other=1.0), 1.0)
         mean_dy = (tl.load(sums_ptr + channels, mask=channel_mask, other=0.0) / count).to(ACC_DTYPE)
         mean_dy_xhat = (tl.load(sums_ptr + C + channels, mask=channel_mask, other=0.0) / count).to(ACC_DTYPE)
+    else:
+        mean_dy = tl.zeros_like(mean)
+        mean_dy_xhat = tl.zeros_like(mean)
 
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
-    dy_offsets = lane_offsets(channels, lane_n, lane_s, stride_dyn, stride_dyc, stride_dys, INT64)
-    x_offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
-    dx_offsets = lane_offsets(channels, lane_n, lane_s, stride_dxn, stride_dxc, stride_dxs, INT64)
-    r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    if RUN_CHANNELS > 0:  # a [1, BLOCK_M] tile over the run; per-lane coefficients
+        tile_channels = tl.full([1], pid_c * RUN_CHANNELS, tl.int32)
+        tile_mask = tl.full([1], 1, tl.int1)
+        run_length = tl.minimum(C - pid_c * RUN_CHANNELS, RUN_CHANNELS) * channel_size
+        lanes_in_run = (lane_s < run_length)[None, :]
+        mean_t = run_lanes(mean, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        invstd_t = run_lanes(invstd, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        scale_t = run_lanes(scale, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        bias_t = run_lanes(bias, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        mean_dy_t = run_lanes(mean_dy, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        mean_dy_xhat_t = run_lanes(mean_dy_xhat, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+    else:
+        tile_channels = channels
+        tile_mask = channel_mask
+        mean_t, invstd_t, scale_t, bias_t = mean[:, None], invstd[:, None], scale[:, None], bias[:, None]
+        mean_dy_t, mean_dy_xhat_t = mean_dy[:, None], mean_dy_xhat[:, None]
+    dy_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_dyn, stride_dyc, stride_dys, INT64)
+    x_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    dx_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_dxn, stride_dxc, stride_dxs, INT64)
+    r_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
     n0 = n_lo
     s0 = s_lo
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+        mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+        if RUN_CHANNELS > 0:
+            mask = mask & lanes_in_run
+            if VEC > 1:
+                mask = tl.max_constancy(mask, [1, VEC])
         dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), mask=mask, other=0.0)
         dy = widen(dy, ACC_DTYPE, VEC * CVEC > 1)
         if BATCH_STATS or ACTIVATION != 0:
@@ -256,7 +284,7 @@ def _backward_dx_kernel(
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
         if ACTIVATION != 0:
             dy = _grad_before_activation(
-                dy, x, mean, invstd, weight, bias, residual_ptr, r_pointers, mask, negative_slope,
+                dy, x, mean_t, scale_t, bias_t, residual_ptr, r_pointers, mask, negative_slope,
                 ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
             )  # fmt: skip
         if grad_residual_ptr is not None:
@@ -264,9 +292,9 @@ def _backward_dx_kernel(
             tl.store(gr_pointers, dy.to(grad_residual_ptr.dtype.element_ty), mask=mask)
         if dx_ptr is not None:
             if BATCH_STATS:
-                xhat = (x - mean[:, None]) * invstd[:, None]
-                dy = dy - mean_dy[:, None] - xhat * mean_dy_xhat[:, None]
-            dx = dy * scale[:, None]
+                xhat = (x - mean_t) * invstd_t
+                dy = dy - mean_dy_t - xhat * mean_dy_xhat_t
+            dx = dy * scale_t
             dx_pointers = step_pointers(dx_ptr, dx_offsets, n0, s0, stride_dxn, stride_dxs, VEC, CVEC)
             tl.store(dx_pointers, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)

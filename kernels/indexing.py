@@ -159,6 +159,34 @@ def per_lane(run, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def run_lanes(values, run_channels, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Channel runs: per-channel ``values`` ``[BLOCK_C]`` of a program's run of channels, spread
+    over a step's lanes ``[1, BLOCK_N * BLOCK_S]`` by the channel each lane's position falls in
+    (position ``p`` of the run is channel ``p // channel_size``; lanes past the run take the last
+    channel's and are masked). One gather per position, a broadcast over the step's rows."""
+    BLOCK_C: tl.constexpr = values.shape[0]
+    positions = tl.arange(0, BLOCK_S)
+    channel = tl.minimum(positions // channel_size, BLOCK_C - 1)  # once per program
+    per_position = tl.gather(values, channel, 0)
+    lanes = tl.broadcast_to(per_position[None, :], [BLOCK_N, BLOCK_S])
+    return tl.reshape(lanes, [BLOCK_N * BLOCK_S])[None, :]
+
+
+@triton.jit
+def run_channel_block(C, RUN_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(channels, channel_mask)`` ``[BLOCK_C]`` of this program: its run of ``RUN_CHANNELS``
+    consecutive channels (channel runs), else its block of ``BLOCK_C``."""
+    pid_c = tl.program_id(0)
+    if RUN_CHANNELS > 0:
+        channels = pid_c * RUN_CHANNELS + tl.arange(0, BLOCK_C)
+        channel_mask = (tl.arange(0, BLOCK_C) < RUN_CHANNELS) & (channels < C)
+    else:
+        channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        channel_mask = channels < C
+    return channels, channel_mask
+
+
+@triton.jit
 def lane_visits(lane_n, lane_s, n_lo, n_hi, s_lo, s_hi, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """``[BLOCK_M]``: the steps of the walk over ``[n_lo, n_hi) x [s_lo, s_hi)`` in which each lane
     is inside the rectangle (the elements it adds up)."""

@@ -23,6 +23,8 @@ from .indexing import (
     lane_offsets,
     lanes,
     load_affine,
+    run_channel_block,
+    run_lanes,
     split_bounds,
     step_count,
     step_mask,
@@ -154,14 +156,15 @@ def _normalize_kernel(
     CVEC: tl.constexpr,  # >1: aligned runs of CVEC channels are contiguous (channels_last, 128-bit)
     SAME_STRIDES: tl.constexpr,  # y (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
+    RUN_CHANNELS: tl.constexpr,  # >0: channel runs (launchers.channel_run_tiling): channels per program
+    channel_size,  # positions per channel (with channel runs S is the run's length)
 ):
     if SAME_STRIDES:
         stride_yn, stride_yc, stride_ys = stride_xn, stride_xc, stride_xs
         stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
     pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
-    channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
+    channels, channel_mask = run_channel_block(C, RUN_CHANNELS, BLOCK_C)
     momentum = float_argument(momentum, momentum_low, tl.float64)
     eps = float_argument(eps, eps_low, tl.float64)
     negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
@@ -187,16 +190,32 @@ def _normalize_kernel(
 
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
-    x_offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
-    y_offsets = lane_offsets(channels, lane_n, lane_s, stride_yn, stride_yc, stride_ys, INT64)
-    r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    if RUN_CHANNELS > 0:  # a [1, BLOCK_M] tile over the run; per-lane coefficients
+        tile_channels = tl.full([1], pid_c * RUN_CHANNELS, tl.int32)
+        tile_mask = tl.full([1], 1, tl.int1)
+        run_length = tl.minimum(C - pid_c * RUN_CHANNELS, RUN_CHANNELS) * channel_size
+        lanes_in_run = (lane_s < run_length)[None, :]
+        mean_t = run_lanes(mean, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        scale_t = run_lanes(scale, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        shift_t = run_lanes(shift, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+    else:
+        tile_channels = channels
+        tile_mask = channel_mask
+        mean_t, scale_t, shift_t = mean[:, None], scale[:, None], shift[:, None]
+    x_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
+    y_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_yn, stride_yc, stride_ys, INT64)
+    r_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
     n0 = n_lo
     s0 = s_lo
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+        mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
+        if RUN_CHANNELS > 0:
+            mask = mask & lanes_in_run
+            if VEC > 1:
+                mask = tl.max_constancy(mask, [1, VEC])
         x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=0.0)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
-        y = (widen(x, ACC_DTYPE, VEC * CVEC > 1) - mean[:, None]) * scale[:, None] + shift[:, None]
+        y = (widen(x, ACC_DTYPE, VEC * CVEC > 1) - mean_t) * scale_t + shift_t
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)

@@ -71,14 +71,22 @@ CASES = [
     # channels_last_3d with one sample: the view does not collapse to rows, so the walk steps along
     # S one position at a time (BLOCK_S = 1 with S > 1), split along S
     KernelCase((1, 3, 2, 3, 4), torch.float32, "channels_last", tiles=(4, 4, 4)),
+    # channel runs in normalize (S odd, contiguous): 2 runs of 4 fp32 channels; runs of 20 with
+    # C = 28 (the last run 8 channels) and many splits along N; bf16 runs of 8 channels x 25
+    KernelCase((3, 8, 7, 7), activation="relu", residual="same"),
+    KernelCase((5, 28, 7, 7), programs=528),
+    KernelCase((2, 16, 5, 5), torch.bfloat16, activation="silu", residual="contiguous"),
 ]
+
+# normalize's channels per run (launchers.channel_run_tiling) in the channel-run cases above
+CHANNEL_RUN_CASES = {CASES[-3].id: 4, CASES[-2].id: 20, CASES[-1].id: 8}
 
 # (WHOLE_N, WHOLE_S, FOLD) of the statistics launch of each parked-lane case above
 PARKED_LANE_CASES = {
-    CASES[-5].id: (False, False, 2),
-    CASES[-4].id: (True, False, 2),
-    CASES[-3].id: (True, True, 1),
-    CASES[-2].id: (False, True, 1),
+    KernelCase((5, 3, 4, 12), torch.bfloat16, tiles=(1, 128, 3)).id: (False, False, 2),
+    KernelCase((8, 3, 4, 12), torch.bfloat16, tiles=(1, 256, 3), activation="silu").id: (True, False, 2),
+    KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu").id: (True, True, 1),
+    KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)).id: (False, True, 1),
 }
 
 
@@ -203,6 +211,32 @@ def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> No
     (kwargs,) = launches
     assert (kwargs["WHOLE_N"], kwargs["WHOLE_S"], kwargs["FOLD"]) == PARKED_LANE_CASES[case.id], kwargs
     assert kwargs["VEC"] * kwargs["CVEC"] > 1, kwargs
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.id in CHANNEL_RUN_CASES], ids=lambda case: case.id)
+def test_channel_run_cases_walk_runs_with_128_bit_accesses(case: KernelCase) -> None:
+    """normalize and the input gradient walk channel runs in these cases (S odd: no aligned runs
+    within a channel), with 16-byte vectors along the runs; the oracle cases above check what
+    they write."""
+    from kernel_tasks import _layout
+    from triton_syncbn import launchers
+    from triton_syncbn.contract import SavedStatistics
+    from triton_syncbn.layout import channel_view
+
+    launches = []
+    dispatch = launchers.Dispatch(case.programs or 4, lambda kernel, grid, args, kwargs: launches.append(kwargs))
+    x = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
+    stats = torch.rand(3, case.shape[1], dtype=torch.float64)
+    mean, invstd = launchers.normalize(
+        x, torch.empty_like(x), None, None, stats, None, 1e-5, Epilogue(), dispatch=dispatch
+    )
+    saved = SavedStatistics(mean, invstd, stats[0])
+    sums = torch.zeros(2, case.shape[1], dtype=mean.dtype)
+    launchers.backward_dx(x, x, torch.empty_like(x), None, None, saved, sums, Epilogue(), dispatch=dispatch)
+    assert len(launches) == 2
+    for kwargs in launches:
+        assert kwargs.get("RUN_CHANNELS") == CHANNEL_RUN_CASES[case.id], kwargs
+        assert kwargs["VEC"] == 16 // x.element_size(), kwargs
 
 
 def test_splits_actually_split(clusters) -> None:

@@ -95,6 +95,9 @@ class Tiling:
     n_splits: int
     s_splits: int
     num_warps: int = _NUM_WARPS
+    # Channel runs (contiguous layout, S odd; kernels/indexing.py): each program walks a run of
+    # run_channels consecutive channels, block_s >= run_channels x S positions; 0: off.
+    run_channels: int = 0
 
     @property
     def block_m(self) -> int:
@@ -105,7 +108,7 @@ class Tiling:
         return self.n_splits * self.s_splits
 
     def grid(self, channels: int) -> tuple[int, int]:
-        return (_cdiv(channels, self.block_c), self.splits)
+        return (_cdiv(channels, self.run_channels or self.block_c), self.splits)
 
     def steps(self) -> int:
         """Steps of the longest split."""
@@ -119,7 +122,10 @@ class Tiling:
         return _fit(collapse(view), block_c, block_m, splits)
 
     def refit(self, view: torch.Tensor) -> Tiling:
-        """The same block_c, block_m and split budget on ``view`` (as collapsed by a launcher)."""
+        """The same block_c, block_m and split budget on ``view`` (as collapsed by a launcher);
+        a channel-run tiling (``channel_run_tiling``) as it is."""
+        if self.run_channels:
+            return self
         return _fit(view, self.block_c, self.block_m, self.splits)
 
 
@@ -257,6 +263,51 @@ def _cached_tiling(
     return tiling if num_warps == _NUM_WARPS else replace(tiling, num_warps=num_warps)
 
 
+# Channel runs: the least fraction of a run's lanes that must hold elements.
+MIN_RUN_UTILIZATION = 0.75
+
+
+def channel_run_tiling(view: torch.Tensor, programs: int, *others: torch.Tensor | None) -> Tiling | None:
+    """Channel runs for an elementwise kernel over ``view`` ``[N, C, S]`` (and ``others``, strided
+    alike), or None where they do not apply.
+
+    In the contiguous layout with S not a multiple of the 16-byte vector (S = 49: 7x7 maps), a
+    (sample, channel) row cannot be read in aligned 16-byte pieces, but the rows of consecutive
+    channels are one contiguous run: ``k`` channels (a multiple of the vector, so every run starts
+    16-byte aligned) take ``k x S`` consecutive elements. A program walks its run as one step
+    wide (``block_s``, a power of two >= k x S) and ``block_n`` samples deep, with 128-bit
+    accesses; each lane keeps its channel for the whole walk (``indexing.run_lanes``). Chosen
+    where at least ``MIN_RUN_UTILIZATION`` of the lanes hold elements (S = 49: 20 fp32 channels
+    in 1024 lanes or 40 bf16 in 2048, 96%)."""
+    batch, channels, spatial = view.shape
+    geometries = _geometries(view, *others)
+    itemsize = max(size for _, _, size in geometries)
+    vector = 16 // itemsize
+    if spatial <= 1 or spatial % vector == 0 or channels % vector or not _same_strides(geometries):
+        return None
+    stride_n, stride_c, stride_s = view.stride()
+    if stride_s != 1 or stride_c != spatial or stride_n % vector:
+        return None
+    tile = _tile_elements(itemsize)
+    best: tuple[float, int, int] | None = None
+    block = _next_power_of_2(vector * spatial)
+    while block <= tile:
+        run = min(block // spatial // vector * vector, channels)
+        utilization = run * spatial / block
+        if best is None or utilization > best[0]:
+            best = (utilization, run, block)
+        block *= 2
+    if best is None or best[0] < MIN_RUN_UTILIZATION:
+        return None
+    _, run, block = best
+    block_n = min(tile // block, _next_power_of_2(max(batch, 1)))
+    runs = _cdiv(channels, run)
+    steps = _cdiv(max(batch, 1), block_n)
+    wanted = max(_cdiv(programs, runs), _cdiv(steps, _ELEMENTWISE_STEPS))
+    tiling = _with_splits((batch, runs, block), _next_power_of_2(run), block_n, block, wanted, 2**30)
+    return replace(tiling, run_channels=run)
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_programs(device.index if device.index is not None else torch.cuda.current_device())
@@ -300,11 +351,13 @@ def elementwise_tiling(
     view: torch.Tensor,
     flags: Callable[[], dict[str, bool | int]],
     dispatch: Dispatch = _DEFAULT_DISPATCH,
+    runs: tuple[torch.Tensor | None, ...] | None = None,
 ) -> Tiling:
     """The tiling of an elementwise kernel (``tuning.KERNELS``) on ``view`` ``[N, C, S]``: the
     tuned configuration of the dispatch's (or the process's) table for this key, else the
     heuristic. ``flags()`` gives the launch's constexpr flags fixed before tiling (called only
-    when a table is in use)."""
+    when a table is in use). ``runs``: the kernel walks channel runs where they apply
+    (``channel_run_tiling`` of ``view`` and these other views) and no tuned entry says otherwise."""
     table = dispatch.tuning if dispatch.tuning is not None else tuning.active()
     programs = _programs(dispatch, view.device)
     if table is not None:
@@ -313,6 +366,10 @@ def elementwise_tiling(
         config = table.lookup(key)
         if config is not None:
             return _cached_tiling(tuple(view.shape), layout, view.element_size(), programs, False, config)
+    if runs:
+        tiling = channel_run_tiling(view, programs, *runs)
+        if tiling is not None:
+            return tiling
     return choose_tiling(view, programs, reduction=False)
 
 
@@ -416,8 +473,10 @@ def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 def _geometry(view: torch.Tensor, tiling: Tiling) -> tuple[int, ...]:
-    """The (N, S, chunk_n, chunk_s, s_splits) arguments every streaming kernel takes."""
-    return (view.shape[0], view.shape[2], tiling.chunk_n, tiling.chunk_s, tiling.s_splits)
+    """The (N, S, chunk_n, chunk_s, s_splits) arguments every streaming kernel takes (channel
+    runs: S is the run's length)."""
+    spatial = view.shape[2] * (tiling.run_channels or 1)
+    return (view.shape[0], spatial, tiling.chunk_n, tiling.chunk_s, tiling.s_splits)
 
 
 def _blocks(tiling: Tiling) -> dict[str, int]:
@@ -604,12 +663,15 @@ def normalize(
     tiling = tiling.refit(x) if tiling else elementwise_tiling(
         "normalize", x, lambda: dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
                                      RESIDUAL=residual is not None, SAME_STRIDES=_same_strides(geometries)),
-        dispatch,
+        dispatch, runs=(out, residual),
     )  # fmt: skip
     acc_dtype = accumulation_dtype(x.dtype)
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
     invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
     int64, vec, cvec, same_strides = _access(tiling, geometries)
+    if tiling.run_channels:  # 128-bit accesses along the runs (channel_run_tiling checked them)
+        vec = 16 // max(size for _, _, size in geometries)
+    runs = {"RUN_CHANNELS": tiling.run_channels, "channel_size": x.shape[2]}
     dispatch.launch(
         _normalize_kernel, tiling.grid(channels),
         (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
@@ -618,7 +680,7 @@ def normalize(
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
              ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides,
-             NUM_STAGES=ELEMENTWISE_STAGES, **_blocks(tiling)),
+             NUM_STAGES=ELEMENTWISE_STAGES, **runs, **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -712,9 +774,11 @@ def backward_dx(
         "backward_dx", x, lambda: dict(BATCH_STATS=sums is not None, ACTIVATION=activation,
                                        RESIDUAL=residual is not None, GRAD_RESIDUAL=grad_residual is not None,
                                        INPUT_GRAD=out is not None, SAME_STRIDES=_same_strides(geometries)),
-        dispatch,
+        dispatch, runs=(grad_out, out, residual_layout),
     )  # fmt: skip
     int64, vec, cvec, same_strides = _access(tiling, geometries)
+    if tiling.run_channels:  # 128-bit accesses along the runs (channel_run_tiling checked them)
+        vec = 16 // max(size for _, _, size in geometries)
     stages = ELEMENTWISE_STAGES if vec > 1 or cvec > 1 else 1
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
@@ -722,5 +786,6 @@ def backward_dx(
          channels, *_geometry(x, tiling), *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
-             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=stages, **_blocks(tiling)),
+             INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=stages,
+             RUN_CHANNELS=tiling.run_channels, channel_size=x.shape[2], **_blocks(tiling)),
     )  # fmt: skip
