@@ -31,12 +31,13 @@ from .indexing import (
     lane_offsets,
     lanes,
     load_affine,
+    per_channel_tile,
     run_channel_block,
-    run_lanes,
     split_bounds,
     step_count,
     step_mask,
     step_pointers,
+    tile_lanes,
     to_element_type,
     widen,
 )
@@ -229,7 +230,6 @@ def _backward_dx_kernel(
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
         stride_dxn, stride_dxc, stride_dxs = stride_xn, stride_xc, stride_xs
         stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
-    pid_c = tl.program_id(0)
     channels, channel_mask = run_channel_block(C, RUN_CHANNELS, BLOCK_C)
     negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
@@ -246,22 +246,13 @@ def _backward_dx_kernel(
 
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
-    if RUN_CHANNELS > 0:  # a [1, BLOCK_M] tile over the run; per-lane coefficients
-        tile_channels = tl.full([1], pid_c * RUN_CHANNELS, tl.int32)
-        tile_mask = tl.full([1], 1, tl.int1)
-        run_length = tl.minimum(C - pid_c * RUN_CHANNELS, RUN_CHANNELS) * channel_size
-        lanes_in_run = (lane_s < run_length)[None, :]
-        mean_t = run_lanes(mean, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        invstd_t = run_lanes(invstd, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        scale_t = run_lanes(scale, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        bias_t = run_lanes(bias, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        mean_dy_t = run_lanes(mean_dy, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        mean_dy_xhat_t = run_lanes(mean_dy_xhat, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-    else:
-        tile_channels = channels
-        tile_mask = channel_mask
-        mean_t, invstd_t, scale_t, bias_t = mean[:, None], invstd[:, None], scale[:, None], bias[:, None]
-        mean_dy_t, mean_dy_xhat_t = mean_dy[:, None], mean_dy_xhat[:, None]
+    tile_channels, tile_mask, lanes_in_run = tile_lanes(channels, channel_mask, C, channel_size, lane_s, RUN_CHANNELS)
+    mean_t = per_channel_tile(mean, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    invstd_t = per_channel_tile(invstd, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    scale_t = per_channel_tile(scale, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    bias_t = per_channel_tile(bias, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    mean_dy_t = per_channel_tile(mean_dy, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    mean_dy_xhat_t = per_channel_tile(mean_dy_xhat, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
     dy_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_dyn, stride_dyc, stride_dys, INT64)
     x_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
     dx_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_dxn, stride_dxc, stride_dxs, INT64)
@@ -269,11 +260,7 @@ def _backward_dx_kernel(
     n0 = n_lo
     s0 = s_lo
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
-        if RUN_CHANNELS > 0:
-            mask = mask & lanes_in_run
-            if VEC > 1:
-                mask = tl.max_constancy(mask, [1, VEC])
+        mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC, lanes_in_run)
         dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), mask=mask, other=0.0)
         dy = widen(dy, ACC_DTYPE, VEC * CVEC > 1)
         if BATCH_STATS or ACTIVATION != 0:

@@ -117,12 +117,16 @@ def step_lanes_valid(
 
 @triton.jit
 def step_mask(
-    channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr, CVEC: tl.constexpr
-):
+    channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S: tl.constexpr, VEC: tl.constexpr, CVEC: tl.constexpr,
+    lanes_in_run=None,
+):  # fmt: skip
     """``[BLOCK_C, BLOCK_M]`` mask of the valid elements of one step, constant over each aligned
-    run of ``VEC`` positions and of ``CVEC`` channels (so it does not split 128-bit accesses)."""
+    run of ``VEC`` positions and of ``CVEC`` channels (so it does not split 128-bit accesses).
+    ``lanes_in_run`` (``tile_lanes``): channel runs' lanes, ``[1, BLOCK_M]``, or all true."""
+    if lanes_in_run is None:
+        lanes_in_run = tl.full([1, 1], 1, tl.int1)
     rows = step_lanes_valid(lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC)
-    mask = channel_mask[:, None] & rows[None, :]
+    mask = channel_mask[:, None] & rows[None, :] & lanes_in_run
     if VEC > 1:
         mask = tl.max_constancy(mask, [1, VEC])
     if CVEC > 1:
@@ -170,6 +174,34 @@ def run_lanes(values, run_channels, channel_size, BLOCK_N: tl.constexpr, BLOCK_S
     per_position = tl.gather(values, channel, 0)
     lanes = tl.broadcast_to(per_position[None, :], [BLOCK_N, BLOCK_S])
     return tl.reshape(lanes, [BLOCK_N * BLOCK_S])[None, :]
+
+
+@triton.jit
+def tile_lanes(channels, channel_mask, C, channel_size, lane_s, RUN_CHANNELS: tl.constexpr):
+    """``(tile_channels, tile_mask, lanes_in_run)`` of a program's step tile: its channels and
+    their mask ``[BLOCK_C]`` (the tile is ``[BLOCK_C, BLOCK_M]``) and an all-true ``[1, 1]``; with
+    channel runs the run's first channel and a true ``[1]`` (the tile is ``[1, BLOCK_M]``) and
+    which lanes fall inside the run ``[1, BLOCK_M]`` (the last run of C may be short)."""
+    if RUN_CHANNELS > 0:
+        first = tl.program_id(0) * RUN_CHANNELS
+        tile_channels = tl.full([1], first, tl.int32)
+        tile_mask = tl.full([1], 1, tl.int1)
+        lanes_in_run = (lane_s < tl.minimum(C - first, RUN_CHANNELS) * channel_size)[None, :]
+    else:
+        tile_channels, tile_mask = channels, channel_mask
+        lanes_in_run = tl.full([1, 1], 1, tl.int1)
+    return tile_channels, tile_mask, lanes_in_run
+
+
+@triton.jit
+def per_channel_tile(values, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RUN_CHANNELS: tl.constexpr):
+    """Per-channel ``values`` ``[BLOCK_C]`` broadcastable to the step tile: ``[BLOCK_C, 1]``, or
+    per lane ``[1, BLOCK_M]`` with channel runs (``run_lanes``)."""
+    if RUN_CHANNELS > 0:
+        tile = run_lanes(values, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+    else:
+        tile = values[:, None]
+    return tile
 
 
 @triton.jit

@@ -23,12 +23,13 @@ from .indexing import (
     lane_offsets,
     lanes,
     load_affine,
+    per_channel_tile,
     run_channel_block,
-    run_lanes,
     split_bounds,
     step_count,
     step_mask,
     step_pointers,
+    tile_lanes,
     to_element_type,
     widen,
 )
@@ -162,7 +163,6 @@ def _normalize_kernel(
     if SAME_STRIDES:
         stride_yn, stride_yc, stride_ys = stride_xn, stride_xc, stride_xs
         stride_rn, stride_rc, stride_rs = stride_xn, stride_xc, stride_xs
-    pid_c = tl.program_id(0)
     pid_split = tl.program_id(1)
     channels, channel_mask = run_channel_block(C, RUN_CHANNELS, BLOCK_C)
     momentum = float_argument(momentum, momentum_low, tl.float64)
@@ -190,29 +190,17 @@ def _normalize_kernel(
 
     n_lo, n_hi, s_lo, s_hi = split_bounds(N, S, chunk_n, chunk_s, s_splits)
     lane_n, lane_s, lane_s_run = lanes(BLOCK_N, BLOCK_S, VEC)
-    if RUN_CHANNELS > 0:  # a [1, BLOCK_M] tile over the run; per-lane coefficients
-        tile_channels = tl.full([1], pid_c * RUN_CHANNELS, tl.int32)
-        tile_mask = tl.full([1], 1, tl.int1)
-        run_length = tl.minimum(C - pid_c * RUN_CHANNELS, RUN_CHANNELS) * channel_size
-        lanes_in_run = (lane_s < run_length)[None, :]
-        mean_t = run_lanes(mean, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        scale_t = run_lanes(scale, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-        shift_t = run_lanes(shift, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
-    else:
-        tile_channels = channels
-        tile_mask = channel_mask
-        mean_t, scale_t, shift_t = mean[:, None], scale[:, None], shift[:, None]
+    tile_channels, tile_mask, lanes_in_run = tile_lanes(channels, channel_mask, C, channel_size, lane_s, RUN_CHANNELS)
+    mean_t = per_channel_tile(mean, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    scale_t = per_channel_tile(scale, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
+    shift_t = per_channel_tile(shift, channel_size, BLOCK_N, BLOCK_S, RUN_CHANNELS)
     x_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
     y_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_yn, stride_yc, stride_ys, INT64)
     r_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
     n0 = n_lo
     s0 = s_lo
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
-        mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
-        if RUN_CHANNELS > 0:
-            mask = mask & lanes_in_run
-            if VEC > 1:
-                mask = tl.max_constancy(mask, [1, VEC])
+        mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC, lanes_in_run)
         x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=0.0)
         # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
         y = (widen(x, ACC_DTYPE, VEC * CVEC > 1) - mean_t) * scale_t + shift_t
