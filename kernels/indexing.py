@@ -163,7 +163,7 @@ def per_lane(run, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def run_lanes(values, run_channels, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+def run_lanes(values, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Channel runs: per-channel ``values`` ``[BLOCK_C]`` of a program's run of channels, spread
     over a step's lanes ``[1, BLOCK_N * BLOCK_S]`` by the channel each lane's position falls in
     (position ``p`` of the run is channel ``p // channel_size``; lanes past the run take the last
@@ -198,7 +198,7 @@ def per_channel_tile(values, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.co
     """Per-channel ``values`` ``[BLOCK_C]`` broadcastable to the step tile: ``[BLOCK_C, 1]``, or
     per lane ``[1, BLOCK_M]`` with channel runs (``run_lanes``)."""
     if RUN_CHANNELS > 0:
-        tile = run_lanes(values, RUN_CHANNELS, channel_size, BLOCK_N, BLOCK_S)
+        tile = run_lanes(values, channel_size, BLOCK_N, BLOCK_S)
     else:
         tile = values[:, None]
     return tile

@@ -142,6 +142,8 @@ def _partial_stats_kernel(
     # read an element they are shifted by.
     parking = parking_offsets(channels, C, stride_xc, stride_xs, INT64, VEC)
     parked = x_ptr + per_lane(parking, BLOCK_N * BLOCK_S)
+    if VEC > 1:  # (a pointer's divisibility is in bytes: every 128-bit run is 16-byte aligned)
+        parked = tl.max_contiguous(tl.multiple_of(parked, [1, 16]), [1, VEC])
     if CVEC > 1:
         parked = tl.max_contiguous(tl.multiple_of(parked, [16, 1]), [CVEC, 1])
     PARKED: tl.constexpr = not (WHOLE_N and (WHOLE_S or BLOCK_S == 1))  # else every step is whole
@@ -153,7 +155,6 @@ def _partial_stats_kernel(
         run_pilot = tl.load(x_ptr + parking, mask=nonempty, other=0.0).to(ACC_DTYPE)
         run_pilot = tl.where(tl.abs(run_pilot) < float("inf"), run_pilot, 0.0)  # as _load_pilot
         lane_pilot = per_lane(run_pilot, BLOCK_N * BLOCK_S)
-        parked = tl.max_contiguous(tl.multiple_of(parked, [1, 16]), [1, VEC])
 
     # Per-lane shifted sums: no cross-thread reduction inside the loop.
     acc_sum = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S // FOLD], dtype=ACC_DTYPE)
@@ -172,7 +173,7 @@ def _partial_stats_kernel(
         if PARKED:
             valid = step_lanes_valid(lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, WHOLE_N, WHOLE_S)
             pointers = tl.where(valid[None, :], pointers, parked)
-            if VEC > 1:  # (a pointer's divisibility is in bytes: every 128-bit run is 16-byte aligned)
+            if VEC > 1:  # (hints as for the parked pointers: Triton does not see runs through the select)
                 pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
             if CVEC > 1:
                 pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [CVEC, 1])

@@ -445,6 +445,8 @@ def spatial_vector(tiling: Tiling, *views: torch.Tensor | None) -> int:
 
 def _spatial_vector(tiling: Tiling, geometries: tuple[Geometry, ...]) -> int:
     vector = 16 // max(itemsize for _, _, itemsize in geometries)
+    if tiling.run_channels:  # along the channel runs, which channel_run_tiling checked
+        return vector
     if tiling.block_s % vector or tiling.chunk_s % vector:
         return 1
     for (_, _, spatial), (stride_n, stride_c, stride_s), _ in geometries:
@@ -477,6 +479,12 @@ def _geometry(view: torch.Tensor, tiling: Tiling) -> tuple[int, ...]:
     runs: S is the run's length)."""
     spatial = view.shape[2] * (tiling.run_channels or 1)
     return (view.shape[0], spatial, tiling.chunk_n, tiling.chunk_s, tiling.s_splits)
+
+
+def _runs(view: torch.Tensor, tiling: Tiling) -> dict[str, int]:
+    """The channel-run arguments of the elementwise kernels: channels per run (0: none) and the
+    positions per channel (``_geometry`` passes the run's length as S)."""
+    return {"RUN_CHANNELS": tiling.run_channels, "channel_size": view.shape[2]}
 
 
 def _blocks(tiling: Tiling) -> dict[str, int]:
@@ -669,9 +677,6 @@ def normalize(
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
     invstd = torch.empty(channels, dtype=acc_dtype, device=x.device)
     int64, vec, cvec, same_strides = _access(tiling, geometries)
-    if tiling.run_channels:  # 128-bit accesses along the runs (channel_run_tiling checked them)
-        vec = 16 // max(size for _, _, size in geometries)
-    runs = {"RUN_CHANNELS": tiling.run_channels, "channel_size": x.shape[2]}
     dispatch.launch(
         _normalize_kernel, tiling.grid(channels),
         (x, out, residual, weight, bias, stats, mean, invstd, running_mean, running_var,
@@ -680,7 +685,7 @@ def normalize(
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
              ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides,
-             NUM_STAGES=ELEMENTWISE_STAGES, **runs, **_blocks(tiling)),
+             NUM_STAGES=ELEMENTWISE_STAGES, **_runs(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -777,8 +782,6 @@ def backward_dx(
         dispatch, runs=(grad_out, out, residual_layout),
     )  # fmt: skip
     int64, vec, cvec, same_strides = _access(tiling, geometries)
-    if tiling.run_channels:  # 128-bit accesses along the runs (channel_run_tiling checked them)
-        vec = 16 // max(size for _, _, size in geometries)
     stages = ELEMENTWISE_STAGES if vec > 1 or cvec > 1 else 1
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
@@ -787,5 +790,5 @@ def backward_dx(
          *grad_out.stride(), *x.stride(), *_strides(out), *_strides(residual_layout)),
         dict(BATCH_STATS=sums is not None, ACTIVATION=activation, ACC_DTYPE=_tl_dtype(accumulation_dtype(x.dtype)),
              INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=stages,
-             RUN_CHANNELS=tiling.run_channels, channel_size=x.shape[2], **_blocks(tiling)),
+             **_runs(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
