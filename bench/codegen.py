@@ -22,7 +22,21 @@ from triton.compiler import ASTSource
 
 from triton_syncbn import launchers
 
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+# The streaming kernels and their roles: a forward launches a statistics and a normalize kernel,
+# a backward a gradient-sums and an input-gradient kernel (the channel-run reductions where S is
+# odd in the contiguous layout, kernels/stats.py and kernels/backward.py).
+STREAMING_ROLES = {
+    "_partial_stats_kernel": "statistics",
+    "_run_stats_kernel": "statistics",
+    "_normalize_kernel": "normalize",
+    "_backward_reduce_kernel": "gradient sums",
+    "_run_backward_reduce_kernel": "gradient sums",
+    "_backward_dx_kernel": "input gradient",
+}
+# What most shapes launch, in order.
+PER_CHANNEL_KERNELS = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
 
 
 @dataclass

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from codegen import KernelLaunch, compile_launch, training_step_launches
+from codegen import STREAMING_ROLES, KernelLaunch, compile_launch, training_step_launches
 
 from triton_syncbn import launchers
 from triton_syncbn.kernels.activation import ACTIVATION_CODES
@@ -33,7 +33,7 @@ from triton_syncbn.layout import channel_view
 
 H200_PROGRAMS = launchers.PROGRAMS_PER_SM * 132
 
-STREAMING = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
+STREAMING = STREAMING_ROLES
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,14 @@ SPECS = [
     Spec("S2 fp16 2-D", (256, 4096), torch.float16),
     Spec("S11 fp64 channels_last_3d", (2, 32, 128, 128, 128), torch.float64, torch.channels_last_3d),
     Spec("S6 bf16 relu + residual", (256, 256, 56, 56), torch.bfloat16, activation="relu", residual=True),
+    Spec("S1 fp32 (S = 49: channel runs)", (32, 2048, 7, 7), torch.float32),
     Spec(
-        "S1 fp32 (S = 49: scalar reductions; channel runs elementwise)",
-        (32, 2048, 7, 7),
-        torch.float32,
-        expect_vector=False,
-    ),
+        "S8 bf16 relu + residual (S = 49: channel runs, folded reductions)",
+        (1024, 256, 7, 7),
+        torch.bfloat16,
+        activation="relu",
+        residual=True,
+    ),  # fmt: skip
     # 2**31+ elements: 64-bit step offsets, 32-bit lane offsets within a tile suffice
     Spec("2**31+ elements fp32", (32, 64, 1024, 1056), torch.float32),
     Spec("one tile spans 2**31+ elements fp16", (1, 4096, 1024, 1024), torch.float16, expect_int64=True),
@@ -106,11 +108,7 @@ def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
             )
             if spec.expect_vector and not vector:
                 failures.append("no 128-bit global loads")
-            if (
-                spec.expect_vector
-                and launch.name != "_partial_stats_kernel"
-                and launch.name != "_backward_reduce_kernel"
-            ):
+            if spec.expect_vector and STREAMING[launch.name] in ("normalize", "input gradient"):
                 if not re.search(r"st\.global(\.\w+)*\.(v4\.b32|v2\.b64)", ptx):
                     failures.append("no 128-bit global stores")
             failures += merge_ordering_failures(launch, ptx)

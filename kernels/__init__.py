@@ -4,9 +4,9 @@ Installed as ``triton_syncbn.kernels``. Nothing here talks to other ranks or tou
 import time; launchers in ``triton_syncbn.launchers`` pick blocks and grids.
 """
 
-from .backward import _backward_dx_kernel, _backward_reduce_kernel
+from .backward import _backward_dx_kernel, _backward_reduce_kernel, _run_backward_reduce_kernel
 from .normalize import _normalize_kernel
-from .stats import _partial_stats_kernel
+from .stats import _partial_stats_kernel, _run_stats_kernel
 
 # Triton decides when a kernel is decorated whether it runs compiled or through its CPU
 # interpreter (TRITON_INTERPRET=1 set before triton is imported); record that decision, read off
@@ -19,4 +19,6 @@ __all__ = [
     "_backward_reduce_kernel",
     "_normalize_kernel",
     "_partial_stats_kernel",
+    "_run_backward_reduce_kernel",
+    "_run_stats_kernel",
 ]

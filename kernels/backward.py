@@ -33,6 +33,8 @@ from .indexing import (
     load_affine,
     per_channel_tile,
     run_channel_block,
+    run_channel_sums,
+    run_tile,
     split_bounds,
     step_count,
     step_mask,
@@ -164,6 +166,19 @@ def _backward_reduce_kernel(
         total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)
 
+    _finish_grad_sums(
+        sums_ptr, grad_weight_ptr, grad_bias_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits,
+        total_dy, total_dy_xmu, invstd, BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _finish_grad_sums(
+    sums_ptr, grad_weight_ptr, grad_bias_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits,
+    total_dy, total_dy_xmu, invstd, BLOCK_C: tl.constexpr, GROUP_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Write the gradient sums of this program's channels from its float64 totals, after
+    merging them with the other splits' (``kernels/merge.py``) where the channels are split."""
     if partials_ptr is None:
         _store_grad_sums(
             sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, total_dy, total_dy_xmu, invstd
@@ -177,6 +192,113 @@ def _backward_reduce_kernel(
             _store_grad_sums(
                 sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, total_dy, total_dy_xmu, invstd
             )
+
+
+@triton.jit
+def _run_gradient_step(
+    dy_rows, x_rows, r_rows, offsets, mask, acc_dy, acc_dy_xmu, mean, scale, bias, residual_ptr, negative_slope,
+    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Add one tile of a channel run (``_run_backward_reduce_kernel``; ``mask``: its valid rows)
+    to the per-lane sums; the coefficients are per position ``[1, BLOCK_S]``."""
+    dy = widen(tl.load(dy_rows + offsets, mask=mask, other=0.0), ACC_DTYPE, True)
+    x = widen(tl.load(x_rows + offsets, mask=mask, other=0.0), ACC_DTYPE, True)
+    dy = _grad_before_activation(
+        dy, x, mean, scale, bias, residual_ptr, r_rows + offsets, mask, negative_slope, ACTIVATION, ACC_DTYPE, True
+    )
+    return acc_dy + dy, acc_dy_xmu + dy * (x - mean)  # masked rows: dy = 0, x = 0, mean finite -> 0
+
+
+@triton.jit
+def _run_backward_reduce_kernel(
+    dy_ptr,  # output gradient viewed as [N, C, S], contiguous like x
+    x_ptr,  # contiguous input viewed as [N, C, S], S not a multiple of the 16-byte vector
+    residual_ptr,  # [N, C, S] strided like x, or None
+    mean_ptr,  # [C] ACC_DTYPE
+    invstd_ptr,  # [C] ACC_DTYPE
+    weight_ptr,  # [C] or None; read only to recompute the activation's input
+    bias_ptr,  # [C] or None; likewise
+    sums_ptr,  # ACC_DTYPE [2, C] written: (sum_dy, sum_dy_xhat)
+    grad_weight_ptr,  # [C] weight's dtype or None
+    grad_bias_ptr,  # [C] bias's dtype or None
+    partials_ptr,  # num_splits > 1: float64 [2, num_splits + groups, C] scratch; else None
+    tickets_ptr,  # num_splits > 1: int32 merge tickets, zero (kernels/merge.py); else None
+    C,  # channels (a multiple of VEC)
+    N,  # samples
+    S,  # positions per channel
+    chunk_n,  # samples per split
+    num_splits,  # splits along N (grid axis 1)
+    negative_slope,  # float: leaky_relu's slope (with negative_slope_low: indexing.float_argument)
+    negative_slope_low,
+    stride_n,  # sample stride of every view, in elements (a multiple of VEC); the channel stride is S
+    ACTIVATION: tl.constexpr,  # the forward's activation (kernels/activation.py)
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # RUN_CHANNELS rounded up to a power of two
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_S: tl.constexpr,  # lanes along the run (a power of two >= RUN_CHANNELS x S)
+    RUN_CHANNELS: tl.constexpr,  # channels per program (a multiple of VEC)
+    FOLD: tl.constexpr,  # a step's rows in FOLD slices of BLOCK_N / FOLD rows, one accumulator per lane of a slice
+    INT64: tl.constexpr,  # 64-bit lane offsets
+    VEC: tl.constexpr,  # elements per 16-byte access
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
+    GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
+    MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
+):
+    """The gradient sums of a run of ``RUN_CHANNELS`` consecutive channels, walked as the
+    statistics kernel's channel runs walk (``kernels/stats.py``, ``_run_stats_kernel``): 128-bit
+    loads along the run, each position's channel coefficients gathered once, whole steps without
+    masks, the split's last rows in one masked step. The launcher splits N so that a program takes
+    at most ``FLUSH_STEPS`` whole steps (a lane sums at most ``FLUSH_STEPS x FOLD + 1`` values, as
+    in ``_backward_reduce_kernel``); after the loop the lanes go to float64 per-channel totals by a
+    segmented prefix sum."""
+    channels, channel_mask = run_channel_block(C, RUN_CHANNELS, BLOCK_C)
+    negative_slope = float_argument(negative_slope, negative_slope_low, ACC_DTYPE)
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
+    weight, bias = load_affine(weight_ptr, bias_ptr, channels, channel_mask, ACC_DTYPE)
+    n_lo = tl.program_id(1) * chunk_n
+    n_hi = tl.minimum(n_lo + chunk_n, N)
+    SLICE: tl.constexpr = BLOCK_N // FOLD
+    start, offsets, position_channel = run_tile(C, S, stride_n, RUN_CHANNELS, BLOCK_C, BLOCK_S, SLICE, VEC, INT64)
+    lane_n = tl.arange(0, SLICE)
+    mean_p = tl.gather(mean, position_channel, 0)[None, :]
+    scale_p = tl.gather(invstd * weight, position_channel, 0)[None, :]
+    bias_p = tl.gather(bias, position_channel, 0)[None, :]
+    base = tl.multiple_of(start + n_lo.to(tl.int64) * stride_n, VEC)
+    row_step = BLOCK_N * stride_n.to(tl.int64)
+    slice_step = SLICE * stride_n.to(tl.int64)
+    r_rows = x_ptr  # unused without a residual
+    if residual_ptr is not None:
+        r_rows = residual_ptr + base
+
+    acc_dy = tl.zeros([SLICE, BLOCK_S], dtype=ACC_DTYPE)
+    acc_dy_xmu = tl.zeros([SLICE, BLOCK_S], dtype=ACC_DTYPE)
+    whole_steps = tl.maximum(n_hi - n_lo, 0) // BLOCK_N  # at most FLUSH_STEPS (the launcher's splits)
+    whole = tl.full([1, 1], 1, tl.int1)  # a whole step's mask: constant, folded away
+    dy_rows = dy_ptr + base
+    x_rows = x_ptr + base
+    for _ in tl.range(0, whole_steps, num_stages=NUM_STAGES):
+        for part in tl.static_range(FOLD):
+            acc_dy, acc_dy_xmu = _run_gradient_step(
+                dy_rows + part * slice_step, x_rows + part * slice_step, r_rows + part * slice_step, offsets, whole,
+                acc_dy, acc_dy_xmu, mean_p, scale_p, bias_p, residual_ptr, negative_slope, ACTIVATION, ACC_DTYPE,
+            )  # fmt: skip
+        dy_rows += row_step
+        x_rows += row_step
+        r_rows += row_step
+    rows_left = n_hi - n_lo - whole_steps * BLOCK_N
+    if rows_left > 0:  # the split's last rows: one masked step
+        for part in tl.static_range(FOLD):
+            acc_dy, acc_dy_xmu = _run_gradient_step(
+                dy_rows + part * slice_step, x_rows + part * slice_step, r_rows + part * slice_step, offsets,
+                (lane_n + part * SLICE < rows_left)[:, None], acc_dy, acc_dy_xmu, mean_p, scale_p, bias_p,
+                residual_ptr, negative_slope, ACTIVATION, ACC_DTYPE,
+            )  # fmt: skip
+    total_dy, total_dy_xmu = run_channel_sums(acc_dy, acc_dy_xmu, S, BLOCK_C)
+    _finish_grad_sums(
+        sums_ptr, grad_weight_ptr, grad_bias_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits,
+        total_dy, total_dy_xmu, invstd, BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -205,6 +205,60 @@ def per_channel_tile(values, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.co
 
 
 @triton.jit
+def run_tile(C, S, stride_n, RUN_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+             ROWS: tl.constexpr, VEC: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
+    """Channel runs, the reductions' walk (``launchers.channel_run_tiling``): a program reads the
+    rows of its run of ``RUN_CHANNELS`` channels (``RUN_CHANNELS x S`` contiguous elements per
+    sample, 16-byte aligned) as ``[ROWS, BLOCK_S]`` tiles, a sample per row. Returns ``(start,
+    offsets, channel)``: the run's first element (int64), the lane offsets ``[ROWS, BLOCK_S]``
+    relative to a tile's first sample, and each position's channel within the run ``[BLOCK_S]``.
+    Lanes past the run (the last run of C may be short) read the run's first vector, whole
+    vectors together, so accesses stay 128-bit; their sums must be left out."""
+    first = tl.program_id(0) * RUN_CHANNELS
+    run_length = tl.minimum(C - first, RUN_CHANNELS) * S  # a multiple of VEC
+    lane_s = tl.arange(0, BLOCK_S)
+    lane_n = tl.arange(0, ROWS)
+    position = tl.where(lane_s < run_length, lane_s, lane_s % VEC)
+    if INT64:
+        lane_n = lane_n.to(tl.int64)
+        position = position.to(tl.int64)
+    offsets = lane_n[:, None] * stride_n + position[None, :]
+    offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, VEC]), [1, VEC])  # (the select hides the runs)
+    channel = tl.minimum(lane_s // S, BLOCK_C - 1)  # once per program
+    return first.to(tl.int64) * S, offsets, channel
+
+
+@triton.jit
+def _segmented_add(start_a, first_a, second_a, start_b, first_b, second_b):
+    """The combine of a segmented prefix sum of two arrays: ``b`` follows ``a``; a segment
+    starting at ``b`` drops what came before (a select, so a non-finite value never crosses into
+    the next segment)."""
+    return (
+        start_a | start_b,
+        tl.where(start_b, first_b, first_a + first_b),
+        tl.where(start_b, second_b, second_a + second_b),
+    )
+
+
+@triton.jit
+def run_channel_sums(first, second, channel_size, BLOCK_C: tl.constexpr):
+    """Channel runs: per-channel float64 sums ``[BLOCK_C]`` of two arrays of lane values
+    ``[ROWS, BLOCK_S]`` of a run (position ``p`` is channel ``p // channel_size``). Positions past
+    ``BLOCK_C x channel_size`` are left out; channels past the run hold partial sums, which the
+    caller masks. The rows are added in float64, then a segmented prefix sum over the positions
+    is read at each channel's last position (the scan costs about as much as a tile-wide
+    ``tl.sum``; the reductions call this after their loops)."""
+    BLOCK_S: tl.constexpr = first.shape[1]
+    positions = tl.arange(0, BLOCK_S)
+    starts = positions % channel_size == 0
+    _, first_prefix, second_prefix = tl.associative_scan(
+        (starts, tl.sum(first.to(tl.float64), axis=0), tl.sum(second.to(tl.float64), axis=0)), 0, _segmented_add
+    )
+    ends = tl.minimum((tl.arange(0, BLOCK_C) + 1) * channel_size - 1, BLOCK_S - 1)
+    return tl.gather(first_prefix, ends, 0), tl.gather(second_prefix, ends, 0)
+
+
+@triton.jit
 def run_channel_block(C, RUN_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr):
     """``(channels, channel_mask)`` ``[BLOCK_C]`` of this program: its run of ``RUN_CHANNELS``
     consecutive channels (channel runs), else its block of ``BLOCK_C``."""

@@ -47,6 +47,9 @@ from .indexing import (
     lanes,
     parking_offsets,
     per_lane,
+    run_channel_block,
+    run_channel_sums,
+    run_tile,
     split_bounds,
     step_count,
     step_lanes_valid,
@@ -200,6 +203,19 @@ def _partial_stats_kernel(
         shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1) + tl.sum(
             run_shift * (2.0 * run_sum + run_visits * run_shift), axis=1
         )
+    _finish(
+        out_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, count, shifted_sum, shifted_sumsq,
+        pilot, BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _finish(
+    out_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, count, shifted_sum, shifted_sumsq,
+    pilot, BLOCK_C: tl.constexpr, GROUP_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Write the packed statistics of this program's channels from its float64 shifted sums,
+    after merging them with the other splits' (``kernels/merge.py``) where the channels are split."""
     if partials_ptr is None:
         _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
     else:  # the count needs no merging: only the shifted sums
@@ -209,3 +225,75 @@ def _partial_stats_kernel(
         )  # fmt: skip
         if done:
             _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
+
+
+@triton.jit
+def _run_stats_kernel(
+    x_ptr,  # contiguous input viewed as [N, C, S], S not a multiple of the 16-byte vector
+    out_ptr,  # float64 [3, C] packed stats (count, sum, sum of squares)
+    partials_ptr,  # num_splits > 1: float64 [2, num_splits + groups, C] (S1, S2) scratch; else None
+    tickets_ptr,  # num_splits > 1: int32 merge tickets, zero (kernels/merge.py); else None
+    C,  # channels (a multiple of VEC)
+    N,  # samples
+    S,  # positions per channel
+    chunk_n,  # samples per split (a multiple of BLOCK_N)
+    num_splits,  # splits along N (grid axis 1)
+    stride_xn,  # sample stride, in elements (a multiple of VEC); the channel stride is S
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # RUN_CHANNELS rounded up to a power of two
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_S: tl.constexpr,  # lanes along the run (a power of two >= RUN_CHANNELS x S)
+    RUN_CHANNELS: tl.constexpr,  # channels per program (a multiple of VEC)
+    FOLD: tl.constexpr,  # a step's rows in FOLD slices of BLOCK_N / FOLD rows, one accumulator per lane of a slice
+    INT64: tl.constexpr,  # 64-bit lane offsets
+    VEC: tl.constexpr,  # elements per 16-byte access
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
+    GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
+    MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
+):
+    """The statistics of a run of ``RUN_CHANNELS`` consecutive channels (channel runs, see
+    ``launchers.channel_run_tiling``): for S odd no (sample, channel) row splits into aligned
+    16-byte pieces, but a run's rows of one sample are one contiguous, aligned stretch of
+    ``RUN_CHANNELS x S`` elements. Each step reads ``BLOCK_N`` samples of it with 128-bit loads;
+    lane ``p`` of a row stays in channel ``p // S`` for the whole walk and is shifted by that
+    channel's pilot (gathered once). Lanes past the run read the run's first vector and are left
+    out at the end. Whole steps carry no mask; the one partial step (rows past the split) masks
+    its rows. After the loop, the lanes' sums go to float64 per position, then to channels by a
+    segmented prefix sum (``indexing.run_channel_sums``)."""
+    channels, channel_mask = run_channel_block(C, RUN_CHANNELS, BLOCK_C)
+    pilot = _load_pilot(x_ptr, channels, channel_mask, N, S, S, ACC_DTYPE, INT64)
+    n_lo = tl.program_id(1) * chunk_n
+    n_hi = tl.minimum(n_lo + chunk_n, N)
+    SLICE: tl.constexpr = BLOCK_N // FOLD
+    start, offsets, position_channel = run_tile(C, S, stride_xn, RUN_CHANNELS, BLOCK_C, BLOCK_S, SLICE, VEC, INT64)
+    lane_n = tl.arange(0, SLICE)
+    position_pilot = tl.gather(pilot, position_channel, 0)[None, :]
+    rows = x_ptr + tl.multiple_of(start + n_lo.to(tl.int64) * stride_xn, VEC)
+    row_step = BLOCK_N * stride_xn.to(tl.int64)
+
+    slice_step = SLICE * stride_xn.to(tl.int64)
+
+    acc_sum = tl.zeros([SLICE, BLOCK_S], dtype=ACC_DTYPE)
+    acc_sumsq = tl.zeros([SLICE, BLOCK_S], dtype=ACC_DTYPE)
+    whole_steps = tl.maximum(n_hi - n_lo, 0) // BLOCK_N
+    for _ in tl.range(0, whole_steps, num_stages=NUM_STAGES):
+        for part in tl.static_range(FOLD):
+            shifted = widen(tl.load(rows + part * slice_step + offsets), ACC_DTYPE, True) - position_pilot
+            acc_sum += shifted
+            acc_sumsq += shifted * shifted
+        rows += row_step
+    rows_left = n_hi - n_lo - whole_steps * BLOCK_N
+    if rows_left > 0:  # the split's last rows: one masked step
+        for part in tl.static_range(FOLD):
+            mask = (lane_n + part * SLICE < rows_left)[:, None]
+            x = tl.load(rows + part * slice_step + offsets, mask=mask, other=0.0)
+            shifted = tl.where(mask, widen(x, ACC_DTYPE, True) - position_pilot, 0.0)
+            acc_sum += shifted
+            acc_sumsq += shifted * shifted
+
+    shifted_sum, shifted_sumsq = run_channel_sums(acc_sum, acc_sumsq, S, BLOCK_C)
+    count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * S
+    _finish(
+        out_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, count, shifted_sum, shifted_sumsq,
+        pilot, BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
+    )  # fmt: skip

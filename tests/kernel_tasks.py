@@ -395,3 +395,46 @@ def split_merges_in_any_arrival_order(seed: int) -> dict[str, bool] | None:
         report["accurate"] &= torch.allclose(runs[0][1].double(), expected_sums, rtol=1e-4, atol=1e-4)
         report["tickets_zero"] &= bool((tickets == 0).all())
     return report
+
+
+def run_reductions_keep_non_finite_channels_apart() -> dict[str, object] | None:
+    """The channel-run reductions (``(6, 8, 7, 7)`` fp32: two runs of 4 channels) with an Inf in
+    channel 2 and a NaN in channel 5 of x and dy: the kernels used, and their statistics and
+    gradient sums next to float64 ones. The runs' segmented sums must not carry a non-finite
+    value into the next channel of the run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 8, 7, 7, generator=gen)
+    dy = torch.randn(6, 8, 7, 7, generator=gen)
+    for tensor in (x, dy):
+        tensor[3, 2, 4, 1] = float("inf")
+        tensor[1, 5, 0, 6] = float("nan")
+    kernels: list[str] = []
+
+    def record(kernel: object, grid: tuple[int, ...], args: tuple[object, ...], kwargs: dict) -> None:
+        kernels.append(getattr(kernel, "__name__", type(kernel).__name__))
+        launchers._run(kernel, grid, args, kwargs)
+
+    dispatch = launchers.Dispatch(programs=4, launch=record)
+    view, grad_view = x.view(6, 8, 49), dy.view(6, 8, 49)
+    stats = launchers.partial_stats(view, dispatch=dispatch)
+    mean, invstd = torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5
+    saved = SavedStatistics(mean, invstd, torch.full((8,), 294.0, dtype=torch.float64))
+    sums, _, _ = launchers.backward_reduce(
+        grad_view, view, None, None, saved, Epilogue(), None, None, dispatch=dispatch
+    )
+    per_channel = x.double().transpose(0, 1).reshape(8, -1)
+    grad_per_channel = dy.double().transpose(0, 1).reshape(8, -1)
+    xhat = (per_channel - mean.double()[:, None]) * invstd.double()[:, None]
+    return {
+        "kernels": kernels,
+        "stats": stats,
+        "expected_stats": torch.stack(
+            [torch.full((8,), 294.0, dtype=torch.float64), per_channel.sum(1), per_channel.square().sum(1)]
+        ),  # fmt: skip
+        "sums": sums.double(),
+        "expected_sums": torch.stack([grad_per_channel.sum(1), (grad_per_channel * xhat).sum(1)]),
+    }

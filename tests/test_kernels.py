@@ -17,6 +17,7 @@ from kernel_tasks import (
     module_merge_tickets,
     parameter_dtype,
     run_kernel_case,
+    run_reductions_keep_non_finite_channels_apart,
     split_merges_in_any_arrival_order,
 )
 from oracle import assert_close, fused_epilogue
@@ -71,15 +72,26 @@ CASES = [
     # channels_last_3d with one sample: the view does not collapse to rows, so the walk steps along
     # S one position at a time (BLOCK_S = 1 with S > 1), split along S
     KernelCase((1, 3, 2, 3, 4), torch.float32, "channels_last", tiles=(4, 4, 4)),
-    # channel runs in normalize (S odd, contiguous): 2 runs of 4 fp32 channels; runs of 20 with
-    # C = 28 (the last run 8 channels) and many splits along N; bf16 runs of 8 channels x 25
+    # channel runs (S odd, contiguous): 2 runs of 4 fp32 channels; runs of 20 with C = 28 (the last
+    # run 8 channels) and many splits along N; bf16 runs of 8 channels x 25. The reductions'
+    # splits along N: 2 whole steps of 8 samples and a masked step of 4 (fp32); 1 whole step of 16
+    # samples and a masked step of 4 in two folded slices of 8 (bf16)
     KernelCase((3, 8, 7, 7), activation="relu", residual="same"),
     KernelCase((5, 28, 7, 7), programs=528),
     KernelCase((2, 16, 5, 5), torch.bfloat16, activation="silu", residual="contiguous"),
+    KernelCase((40, 8, 7, 7), activation="leaky_relu", residual="same"),
+    KernelCase((40, 16, 5, 5), torch.bfloat16, mode="cumulative"),
 ]
 
-# normalize's channels per run (launchers.channel_run_tiling) in the channel-run cases above
-CHANNEL_RUN_CASES = {CASES[-3].id: 4, CASES[-2].id: 20, CASES[-1].id: 8}
+# the channels per run (launchers.channel_run_tiling) of the channel-run cases above, and the
+# statistics kernel's FOLD there
+CHANNEL_RUN_CASES = {
+    CASES[-5].id: (4, 1),
+    CASES[-4].id: (20, 1),
+    CASES[-3].id: (8, 2),
+    CASES[-2].id: (4, 1),
+    CASES[-1].id: (8, 2),
+}
 
 # (WHOLE_N, WHOLE_S, FOLD) of the statistics launch of each parked-lane case above
 PARKED_LANE_CASES = {
@@ -224,19 +236,62 @@ def test_channel_run_cases_walk_runs_with_128_bit_accesses(case: KernelCase) -> 
     from triton_syncbn.layout import channel_view
 
     launches = []
-    dispatch = launchers.Dispatch(case.programs or 4, lambda kernel, grid, args, kwargs: launches.append(kwargs))
+
+    def record(kernel: object, grid: tuple[int, ...], args: tuple[object, ...], kwargs: dict) -> None:
+        launches.append((kernel.__name__, dict(zip(kernel.arg_names, args, strict=False)), kwargs))
+
+    dispatch = launchers.Dispatch(case.programs or 4, record)
     x = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
     stats = torch.rand(3, case.shape[1], dtype=torch.float64)
+    launchers.partial_stats(x, dispatch=dispatch)
     mean, invstd = launchers.normalize(
         x, torch.empty_like(x), None, None, stats, None, 1e-5, Epilogue(), dispatch=dispatch
     )
     saved = SavedStatistics(mean, invstd, stats[0])
     sums = torch.zeros(2, case.shape[1], dtype=mean.dtype)
+    launchers.backward_reduce(x, x, None, None, saved, Epilogue(), None, None, dispatch=dispatch)
     launchers.backward_dx(x, x, torch.empty_like(x), None, None, saved, sums, Epilogue(), dispatch=dispatch)
-    assert len(launches) == 2
-    for kwargs in launches:
-        assert kwargs.get("RUN_CHANNELS") == CHANNEL_RUN_CASES[case.id], kwargs
+    names = [name for name, _, _ in launches]
+    assert names == ["_run_stats_kernel", "_normalize_kernel", "_run_backward_reduce_kernel", "_backward_dx_kernel"]
+    run, fold = CHANNEL_RUN_CASES[case.id]
+    for name, args, kwargs in launches:
+        assert kwargs.get("RUN_CHANNELS") == run, kwargs
         assert kwargs["VEC"] == 16 // x.element_size(), kwargs
+        if name.startswith("_run_"):  # the reductions: FOLD, and at most RUN_REDUCTION_STEPS whole steps each
+            assert kwargs["FOLD"] == fold, kwargs
+            assert args["chunk_n"] // kwargs["BLOCK_N"] <= launchers.RUN_REDUCTION_STEPS, (args, kwargs)
+
+
+def test_channel_run_reductions_split_deep_batches_into_short_walks() -> None:
+    """A channel-run reduction's program takes at most RUN_REDUCTION_STEPS whole steps (its fp32
+    lanes then sum a bounded number of values, as the flushing per-channel kernel's do); a batch
+    too deep for that within MAX_SPLITS keeps the per-channel walk. The grid aims at one wave."""
+    from triton_syncbn import launchers
+
+    deep = launchers.channel_run_tiling(torch.empty(3000, 4, 49), 660, reduction=True)
+    assert deep is not None and deep.run_channels == 4
+    assert deep.chunk_n <= launchers.RUN_REDUCTION_STEPS * deep.block_n
+    assert deep.chunk_n * deep.n_splits >= 3000 and deep.s_splits == 1
+    assert launchers.channel_run_tiling(torch.empty(300000, 4, 49), 660, reduction=True) is None
+    s1 = launchers.channel_run_tiling(torch.empty(32, 2048, 49), 660, reduction=True)  # S1 fp32 on an H200
+    assert (s1.run_channels, s1.chunk_n, s1.n_splits) == (20, 6, 6)  # 618 programs: 4.7 per SM, one wave
+    for channels in (8, 28, 2048):
+        tiling = launchers.channel_run_tiling(torch.empty(32, channels, 49), 660, reduction=True)
+        needed = launchers._tickets_needed(channels, tiling.block_c, tiling.splits, tiling.run_channels)
+        assert needed <= launchers.merge_tickets_size(channels), channels
+
+
+def test_channel_run_reductions_keep_non_finite_channels_apart(clusters) -> None:
+    """An Inf or NaN in one channel of a run stays in that channel: the segmented sums over a
+    run's positions restart at every channel (a select, not a subtraction)."""
+    report = clusters("interpreter").run(run_reductions_keep_non_finite_channels_apart)[0]
+    assert report["kernels"] == ["_run_stats_kernel", "_run_backward_reduce_kernel"]
+    for name in ("stats", "sums"):
+        got, expected = report[name], report[f"expected_{name}"]
+        # (a non-finite channel's sums may be Inf or NaN: the moments subtract them; torch's variance is NaN)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected)), (name, got, expected)
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-4)
 
 
 def test_splits_actually_split(clusters) -> None:

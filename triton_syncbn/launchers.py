@@ -22,7 +22,10 @@ from triton_syncbn.kernels import (
     _backward_reduce_kernel,
     _normalize_kernel,
     _partial_stats_kernel,
+    _run_backward_reduce_kernel,
+    _run_stats_kernel,
 )
+from triton_syncbn.kernels.backward import FLUSH_STEPS
 
 from . import tuning
 from .contract import Epilogue, RunningStats, SavedStatistics
@@ -44,6 +47,21 @@ PROGRAMS_PER_SM = 5
 # channels_last fp32 statistics kernel from 72 to 103-128 registers), smaller ones more steps.
 MAX_SPLITS = 1024
 MERGE_TILE = 1024
+# Programs per SM the channel-run reductions aim at, at least (the least the model accepts), so
+# that the grid stays one wave of PROGRAMS_PER_SM where the splits allow: aiming at 5 and
+# rounding up left a last wave of a few programs (the model: S8 fp32 statistics 66% of copy).
+RUN_REDUCTION_PROGRAMS_PER_SM = 4
+# Registers per thread the channel-run statistics kernel may use (Triton's ``maxnreg``): on sm_90
+# its float64 segmented scan after the loop peaks at 118 registers for 16-bit inputs (4 programs
+# per SM); capped, 8-12 setup and epilogue accesses spill to local memory, none in the loop (every
+# dtype, FOLD and pipelining depth checked; bench/perf_model.py fails a loop that spills), and 5
+# fit. The gradient sums are not capped: with a fused activation's coefficients a cap of 96 spilled
+# inside their loop; they take 94 (fp32) and 140-144 (bf16) registers.
+RUN_STATISTICS_REGISTERS = 96
+# Whole steps a channel-run reduction's program takes at most (the launcher splits N to keep it):
+# its lanes then sum at most RUN_REDUCTION_STEPS x FOLD + 1 values in fp32 before the float64
+# totals, as the per-channel gradient sums flush every FLUSH_STEPS steps.
+RUN_REDUCTION_STEPS = FLUSH_STEPS.value
 # Software-pipelining depth of the reductions' loads (statistics, gradient sums): Triton's
 # tl.range(num_stages=...) issues the loads of the next steps (cp.async into shared memory) while a
 # step is added up. On an H200 those loops were latency-bound (ncu: no eligible warp 60-90% of
@@ -267,9 +285,12 @@ def _cached_tiling(
 MIN_RUN_UTILIZATION = 0.75
 
 
-def channel_run_tiling(view: torch.Tensor, programs: int, *others: torch.Tensor | None) -> Tiling | None:
-    """Channel runs for an elementwise kernel over ``view`` ``[N, C, S]`` (and ``others``, strided
-    alike), or None where they do not apply.
+def channel_run_tiling(
+    view: torch.Tensor, programs: int, *others: torch.Tensor | None, reduction: bool = False
+) -> Tiling | None:
+    """Channel runs for a kernel over ``view`` ``[N, C, S]`` (and ``others``, strided alike), or
+    None where they do not apply. Reductions (``reduction=True``) split a run over at most
+    ``MAX_SPLITS`` programs along N, aiming at ``programs``; elementwise kernels split freely.
 
     In the contiguous layout with S not a multiple of the 16-byte vector (S = 49: 7x7 maps), a
     (sample, channel) row cannot be read in aligned 16-byte pieces, but the rows of consecutive
@@ -303,9 +324,29 @@ def channel_run_tiling(view: torch.Tensor, programs: int, *others: torch.Tensor 
     block_n = min(tile // block, _next_power_of_2(max(batch, 1)))
     runs = _cdiv(channels, run)
     steps = _cdiv(max(batch, 1), block_n)
+    if reduction:
+        chunk_n = _run_reduction_chunk(max(batch, 1), runs, programs, RUN_REDUCTION_STEPS * block_n)
+        splits = _cdiv(max(batch, 1), chunk_n)
+        if splits > MAX_SPLITS:
+            return None  # a batch this deep keeps the per-channel walk, whose sums flush as they go
+        return Tiling(_next_power_of_2(run), block_n, block, chunk_n, block, splits, 1, run_channels=run)
     wanted = max(_cdiv(programs, runs), _cdiv(steps, _ELEMENTWISE_STEPS))
     tiling = _with_splits((batch, runs, block), _next_power_of_2(run), block_n, block, wanted, 2**30)
     return replace(tiling, run_channels=run)
+
+
+def _run_reduction_chunk(batch: int, runs: int, programs: int, longest: int) -> int:
+    """Samples per split of a channel-run reduction: at most ``longest``, and otherwise the
+    fewest splits that give at least ``programs`` x 4/5 programs in all (one wave of
+    PROGRAMS_PER_SM per SM). Splits need not be whole steps (the kernels mask a split's last
+    rows), so the count is not rounded to the step: S1 fp32, 103 runs of 32 samples, gets 6
+    splits of 6 samples (618 programs, one wave on an H200), where whole 2-sample steps gave 5
+    or 7 splits (515 programs: under 4 per SM; 721: a last wave of 61)."""
+    target = programs * RUN_REDUCTION_PROGRAMS_PER_SM // PROGRAMS_PER_SM
+    wanted = max(min(_cdiv(target, runs), batch), _cdiv(batch, longest))
+    candidates = [chunk for chunk in {max(batch // wanted, 1), _cdiv(batch, wanted)} if chunk <= longest]
+    enough = [chunk for chunk in candidates if runs * _cdiv(batch, chunk) >= target]
+    return max(enough) if enough else min(candidates)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -524,12 +565,13 @@ def merge_plan(block_c: int, splits: int) -> MergePlan:
 
 
 @functools.lru_cache(maxsize=4096)
-def _tickets_needed(channels: int, block_c: int, splits: int) -> int:
-    """Merge tickets a reduction over ``channels`` in blocks of ``block_c`` split ``splits`` ways
-    uses: one per group of each channel block, plus one per channel block with several groups."""
+def _tickets_needed(channels: int, block_c: int, splits: int, run_channels: int = 0) -> int:
+    """Merge tickets a reduction over ``channels`` in blocks of ``block_c`` (channel runs: of
+    ``run_channels``, padded to ``block_c``) split ``splits`` ways uses: one per group of each
+    channel block, plus one per channel block with several groups."""
     if splits <= 1:
         return 0
-    blocks = _cdiv(channels, block_c)
+    blocks = _cdiv(channels, run_channels or block_c)
     groups = merge_plan(block_c, splits).groups
     return blocks * groups + (blocks if groups > 1 else 0)
 
@@ -539,6 +581,9 @@ def merge_tickets_size(channels: int) -> int:
     at most ``MAX_SPLITS`` splits): the size of a ``merge_tickets`` buffer that serves every
     input shape."""
     sizes = [_tickets_needed(channels, 1 << bits, MAX_SPLITS) for bits in range(_MAX_BLOCK_C.bit_length())]
+    # channel runs: blocks of up to a step's elements, each run more than half its padded block
+    for bits in range(1, _tile_elements(2).bit_length()):
+        sizes.append(_tickets_needed(channels, 1 << bits, MAX_SPLITS, (1 << (bits - 1)) + 1))
     return max(sizes)
 
 
@@ -560,7 +605,7 @@ def _merge_arguments(
     constexprs = {"GROUP_SPLITS": plan.group_splits, "MERGE_ROWS": plan.rows}
     if splits <= 1:
         return None, None, constexprs
-    needed = _tickets_needed(channels, tiling.block_c, splits)
+    needed = _tickets_needed(channels, tiling.block_c, splits, tiling.run_channels)
     if merge_tickets is None:
         merge_tickets = torch.zeros(needed, dtype=torch.int32, device=device)
     elif merge_tickets.dtype != torch.int32 or merge_tickets.device != device or merge_tickets.numel() < needed:
@@ -601,6 +646,21 @@ def _statistics_tiling(x: torch.Tensor, forced: Tiling | None, programs: int) ->
     return folded, STATISTICS_FOLD
 
 
+def _reduction_stages(tiling: Tiling) -> int:
+    """A reduction's software-pipelining depth: REDUCTION_STAGES, or none where its programs take
+    one step each. Such a program has nothing to fetch ahead, and the pipeline's bookkeeping
+    (stage indices, barriers, copies through shared memory) only costs issue: S2 bf16 statistics,
+    55 -> 37 SASS instructions per 16 bytes on sm_90."""
+    return REDUCTION_STAGES if tiling.steps() > 1 else 1
+
+
+def _run_fold(x: torch.Tensor, tiling: Tiling) -> int:
+    """The channel-run statistics kernel's FOLD: 16-bit steps (32 elements per thread) add their
+    rows in ``STATISTICS_FOLD`` slices into one accumulator per lane of a slice, which halves the
+    accumulator registers (sm_90, S = 49 bf16: 138 -> 96 registers, 3 -> 5 programs per SM)."""
+    return STATISTICS_FOLD if x.element_size() == 2 and tiling.block_n % STATISTICS_FOLD == 0 else 1
+
+
 def partial_stats(
     x: torch.Tensor,
     merge_tickets: torch.Tensor | None = None,
@@ -618,16 +678,29 @@ def partial_stats(
     """
     (x,) = _collapsed(x)
     channels = x.shape[1]
-    tiling, fold = _statistics_tiling(x, tiling, _programs(dispatch, x.device))
+    programs = _programs(dispatch, x.device)
+    runs = channel_run_tiling(x, programs, reduction=True) if tiling is None else None
+    tiling, fold = (runs, 1) if runs is not None else _statistics_tiling(x, tiling, programs)
     acc_dtype = accumulation_dtype(x.dtype)
     packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
     partials, tickets, merge = _merge_arguments(channels, tiling, merge_tickets, x.device)
     int64, vec, cvec, _ = _access(tiling, _geometries(x))
+    if runs is not None:  # S odd, contiguous: runs of channels (kernels/stats.py, _run_stats_kernel)
+        dispatch.launch(
+            _run_stats_kernel, tiling.grid(channels),
+            (x, packed, partials, tickets, channels, x.shape[0], x.shape[2], tiling.chunk_n, tiling.splits,
+             x.stride(0)),
+            dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, NUM_STAGES=_reduction_stages(tiling),
+                 RUN_CHANNELS=tiling.run_channels, FOLD=_run_fold(x, tiling), maxnreg=RUN_STATISTICS_REGISTERS,
+                 **merge, **_blocks(tiling)),
+        )  # fmt: skip
+        return packed
     dispatch.launch(
         _partial_stats_kernel, tiling.grid(channels),
         (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
         dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
-             NUM_STAGES=REDUCTION_STAGES, FOLD=fold, **_whole_steps(x, tiling), **merge, **_blocks(tiling)),
+             NUM_STAGES=_reduction_stages(tiling), FOLD=fold, **_whole_steps(x, tiling), **merge,
+             **_blocks(tiling)),
     )  # fmt: skip
     return packed
 
@@ -720,21 +793,33 @@ def backward_reduce(
     residual = epilogue.residual if activation else None
     grad_out, x, residual = _collapsed(grad_out, x, residual)
     channels = x.shape[1]
-    tiling = tiling.refit(x) if tiling else choose_tiling(x, _programs(dispatch, x.device))
+    programs = _programs(dispatch, x.device)
+    runs = channel_run_tiling(x, programs, grad_out, residual, reduction=True) if tiling is None else None
+    tiling = runs or (tiling.refit(x) if tiling else choose_tiling(x, programs))
     acc_dtype = accumulation_dtype(x.dtype)
     sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
     grad_weight = None if weight_grad_dtype is None else torch.empty(channels, dtype=weight_grad_dtype, device=x.device)
     grad_bias = None if bias_grad_dtype is None else torch.empty(channels, dtype=bias_grad_dtype, device=x.device)
     partials, tickets, merge = _merge_arguments(channels, tiling, merge_tickets, x.device)
     int64, vec, cvec, same_strides = _access(tiling, _geometries(x, grad_out, residual))
+    parameters = (mean, invstd, weight if activation else None, bias if activation else None, sums, grad_weight,
+                  grad_bias, partials, tickets, channels)  # fmt: skip
+    if runs is not None:  # S odd, contiguous: runs of channels (kernels/backward.py, _run_backward_reduce_kernel)
+        dispatch.launch(
+            _run_backward_reduce_kernel, tiling.grid(channels),
+            (grad_out, x, residual, *parameters, x.shape[0], x.shape[2], tiling.chunk_n, tiling.splits,
+             *float_halves(negative_slope), x.stride(0)),
+            dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec,
+                 NUM_STAGES=_reduction_stages(tiling), RUN_CHANNELS=tiling.run_channels, FOLD=_run_fold(x, tiling),
+                 **merge, **_blocks(tiling)),
+        )  # fmt: skip
+        return sums, grad_weight, grad_bias
     dispatch.launch(
         _backward_reduce_kernel, tiling.grid(channels),
-        (grad_out, x, residual, mean, invstd, weight if activation else None, bias if activation else None,
-         sums, grad_weight, grad_bias, partials, tickets, channels, *_geometry(x, tiling), tiling.splits,
-         *float_halves(negative_slope),
+        (grad_out, x, residual, *parameters, *_geometry(x, tiling), tiling.splits, *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
-             SAME_STRIDES=same_strides, NUM_STAGES=REDUCTION_STAGES, **merge, **_blocks(tiling)),
+             SAME_STRIDES=same_strides, NUM_STAGES=_reduction_stages(tiling), **merge, **_blocks(tiling)),
     )  # fmt: skip
     return sums, grad_weight, grad_bias
 
