@@ -25,7 +25,7 @@ The formula (constants per GPU in ``GPUS``; one place):
                                           programs / SMs)
     loads in flight per SM      F   = (load bytes per thread per iteration) x threads x r x depth
         depth: NUM_STAGES - 1 when the loop's loads are asynchronous copies (LDGSTS: Triton
-        software-pipelined them, tl.range(num_stages=...)), else 1
+        software-pipelined them, tl.range(num_stages=...)), else 1; at most the program's steps
     Little's law need           L   = copy_bandwidth x latency / SMs              (H200: ~46 KB)
         latency: an effective 1.4 us, fitted to the first H200 measurements (bench/NOTES.md: 74 of
         88 directions within 20%, against 51 with the 700 ns DRAM latency): the loops do not keep
@@ -45,7 +45,7 @@ The formula (constants per GPU in ``GPUS``; one place):
     predicted fraction of copy bandwidth (actual traffic) = sum_k bytes_k / BW / T
 
 Checks (exit status 1 when any fails; the issue-12 targets): every streaming loop needs
-``q <= 1.5``; no integer division in a main loop; where the tensor is >= 1 MB, ``F >= 48 KB``
+``q <= 1.5``; no integer division and no register spills in a main loop; where the tensor is >= 1 MB, ``F >= 48 KB``
 (or every byte the kernel loads, when that is less per SM: S2 bf16 holds 16 KB per SM in all)
 and ``programs / SMs >= 4`` for every streaming kernel; no merge of more than 64 serial steps;
 at most 2 kernels per direction. Prints a table, writes ``model.csv`` and
@@ -69,7 +69,13 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codegen import KernelLaunch, compile_launch, specialization, training_step_launches  # noqa: E402
+from codegen import (  # noqa: E402
+    STREAMING_ROLES,
+    KernelLaunch,
+    compile_launch,
+    specialization,
+    training_step_launches,
+)
 from shapes import GPU_SHAPES  # noqa: E402
 
 from triton_syncbn import launchers  # noqa: E402
@@ -116,7 +122,7 @@ LARGE_TENSOR = 1 << 20
 MAX_MERGE_STEPS = 64
 MAX_KERNELS = 2
 
-STREAMING = ("_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel")
+STREAMING = tuple(STREAMING_ROLES)
 # The separate merge kernels of older revisions (the model still reads those, e.g. the baseline).
 MERGES = {"_combine_stats_kernel", "_combine_grad_sums_kernel"}
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -139,6 +145,8 @@ class Sass:
     block_reduction: bool
     widest_load: int  # bytes of the widest global load anywhere
     pipelined: bool = False  # the loop's loads are asynchronous copies (LDGSTS): software-pipelined
+    loop_spills: int = 0  # local-memory accesses (LDL/STL: register spills) in the main loop
+    spills: int = 0  # ... anywhere in the kernel (outside the loop: a capped register count's setup/epilogue)
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:
@@ -201,6 +209,8 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         block_reduction=any(op.startswith(("BAR", "SHFL")) for op in opcodes),
         widest_load=max((_access_bytes(op) for op, _ in instructions if _is_global_load(op)), default=0),
         pipelined=any(op.startswith("LDGSTS") for op in opcodes),
+        loop_spills=sum(op.startswith(("LDL", "STL")) for op in opcodes),
+        spills=sum(op.startswith(("LDL", "STL")) for op, _ in instructions),
     )
 
 
@@ -277,6 +287,16 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
     return numel / lanes if lanes else 1.0
 
 
+def program_steps(launch: KernelLaunch) -> int:
+    """Steps of a streaming kernel's longest program: its split's samples and positions over the
+    step's (channel runs: samples only; a run is one step wide)."""
+    values = dict(zip(launch.kernel.arg_names, launch.args, strict=False))
+    steps = triton.cdiv(values["chunk_n"], launch.kwargs["BLOCK_N"])
+    if "chunk_s" in values:
+        steps *= triton.cdiv(values["chunk_s"], launch.kwargs["BLOCK_S"])
+    return max(steps, 1)
+
+
 def folded_merge_steps(launch: KernelLaunch) -> int:
     """Serial round trips of a split reduction's in-kernel merge (``kernels/merge.py``): per
     level one ticket and ``cdiv(rows, MERGE_ROWS)`` load steps; 0 for an unsplit launch or a
@@ -318,7 +338,9 @@ def kernel_figures(
     issue_limit = min(1.0, gpu.sustained_issue / issue)
     # load bytes in flight per resident program: one iteration's, or NUM_STAGES - 1 iterations'
     # when the loop's loads are software-pipelined (asynchronous copies issued that far ahead)
+    # (never more steps than a program has: a one-step program has one step in flight)
     depth = max(launch.kwargs.get("NUM_STAGES", 1) - 1, 1) if sass.pipelined else 1
+    depth = min(depth, program_steps(launch))
     per_program = sass.loop_load_bytes * 32 * sass.num_warps * depth
     in_flight = per_program * min(resident, per_sm)
     # Full waves run with `resident` programs per SM; a last partial wave with fewer, each limited
@@ -338,6 +360,8 @@ def kernel_figures(
         failures.append(f"issue {issue:.2f} > {MAX_ISSUE}")
     if sass.integer_division:
         failures.append("integer division in the main loop")
+    if sass.loop_spills:
+        failures.append(f"{sass.loop_spills} register spills (local memory) in the main loop")
     if numel * element_bytes >= LARGE_TENSOR:
         # 48 KB per SM, or every byte the kernel loads at once when the tensor is smaller than that
         loaded = traffic - (sass.loop_store_bytes / max(moved, 1)) * traffic

@@ -14,6 +14,7 @@ import pytest
 from triton_syncbn.kernels import INTERPRETED
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import codegen  # noqa: E402
 import perf_model  # noqa: E402
 
 pytestmark = [
@@ -48,6 +49,20 @@ def test_sass_reader_finds_the_loop_with_loads() -> None:
     assert (sass.loop_instructions, sass.loop_load_bytes, sass.loop_store_bytes) == (6, 16, 16)
     assert sass.integer_division and not sass.block_reduction
     assert (sass.registers, sass.shared) == (40, 1024)
+    assert (sass.loop_spills, sass.spills) == (0, 0)
+
+
+def test_sass_reader_counts_spills_in_and_out_of_the_loop() -> None:
+    """A capped register count (``maxnreg``) may spill outside the loop; inside it is a failure."""
+    spilling = SYNTHETIC_SASS.replace(
+        "        /*0060*/                   FADD R4, R4, R5 ;\n",
+        "        /*0060*/                   LDL R5, [R1+0x4] ;\n        /*0068*/                   FADD R4, R4, R5 ;\n",
+    ).replace(
+        "        /*00b0*/                   EXIT ;",
+        "        /*00a8*/                   STL [R1], R4 ;\n        /*00b0*/                   EXIT ;",
+    )
+    sass = perf_model.read_sass(spilling, SYNTHETIC_USAGE, num_warps=4)
+    assert (sass.loop_spills, sass.spills, sass.loop_instructions) == (1, 2, 7)
 
 
 def test_folded_merge_steps() -> None:
@@ -90,7 +105,7 @@ def test_model_subset(tmp_path: Path) -> None:
     are written."""
     kernel_rows, direction_rows = perf_model.run(["S4"], ["fp32"], ["contiguous", "channels_last"],
                                                  perf_model.GPUS["H200"], verbose=False)  # fmt: skip
-    assert {row.kernel for row in kernel_rows} == set(perf_model.STREAMING)
+    assert {row.kernel for row in kernel_rows} == set(codegen.PER_CHANNEL_KERNELS)
     for row in kernel_rows:
         assert 0 < row.issue_needed <= perf_model.MAX_ISSUE and row.loop_bytes >= 64
         assert not row.failures, (row.kernel, row.layout, row.failures)
