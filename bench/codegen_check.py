@@ -66,6 +66,13 @@ SPECS = [
         activation="relu",
         residual=True,
     ),  # fmt: skip
+    Spec(
+        "S9 bf16 silu + residual (S = 9409: aligned interiors, edges after the loop)",
+        (2, 2048, 97, 97),
+        torch.bfloat16,
+        activation="silu",
+        residual=True,
+    ),  # fmt: skip
     # 2**31+ elements: 64-bit step offsets, 32-bit lane offsets within a tile suffice
     Spec("2**31+ elements fp32", (32, 64, 1024, 1056), torch.float32),
     Spec("one tile spans 2**31+ elements fp16", (1, 4096, 1024, 1024), torch.float16, expect_int64=True),

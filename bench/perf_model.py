@@ -185,15 +185,23 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         match = _INSTRUCTION.match(line)
         if match:
             instructions.append((match.group(2), match.group(3)))
-    loops = []
+    spans = []  # (first, last) instruction of every loop: a backward branch to a label
     for index, (opcode, operands) in enumerate(instructions):
         target = _TARGET.search(operands)
         if opcode.startswith("BRA") and target and labels.get(target.group(1), index + 1) <= index:
-            body = instructions[labels[target.group(1)] : index + 1]
-            loads = [op for op, _ in body if _is_global_load(op)]
-            if loads and not all(".STRONG.GPU" in op for op in loads):  # not the split merge's loop
-                loops.append(body)
-    body = min(loops, key=len) if loops else []
+            spans.append((labels[target.group(1)], index))
+    loops = []
+    for first, last in spans:
+        if any(first <= other_first and other_last <= last and (other_first, other_last) != (first, last)
+               for other_first, other_last in spans):  # fmt: skip
+            continue  # an outer loop (the flushes around the gradient sums' steps)
+        body = instructions[first : last + 1]
+        loads = [op for op, _ in body if _is_global_load(op)]
+        if loads and not all(".STRONG.GPU" in op for op in loads):  # not the split merge's loop
+            loops.append(body)
+    # the main loop: the innermost loop that loads the most bytes per iteration, not a kernel's
+    # short epilogue loops (edges mode's, after the main loop)
+    body = max(loops, key=lambda loop: sum(_access_bytes(op) for op, _ in loop if _is_global_load(op))) if loops else []
     opcodes = [op for op, _ in body]
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
@@ -274,9 +282,16 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
     values = dict(zip(launch.kernel.arg_names, launch.args, strict=False))
     try:
         block_c, block_n, block_s = kwargs["BLOCK_C"], kwargs["BLOCK_N"], kwargs["BLOCK_S"]
-        n, s, chunk_n, chunk_s = values["N"], values["S"], values["chunk_n"], values["chunk_s"]
+        n, s, chunk_n = values["N"], values["S"], values["chunk_n"]
     except KeyError:  # kernels without the (n, s) walk (the model also reads older revisions)
         return 1.0
+    if "chunk_s" not in values:  # the channel-run reductions: a run is one step wide, N is split;
+        rows = block_n // kwargs.get("FOLD", 1)  # a split's last step reads only its slices that hold rows
+        slices = sum(triton.cdiv(min(chunk_n, n - n_lo), rows) for n_lo in range(0, n, chunk_n))
+        return numel / (slices * launch.grid[0] * rows * block_s) if slices else 1.0
+    chunk_s = values["chunk_s"]
+    if kwargs.get("EDGES"):  # the loop walks each row's aligned interior; its few edge elements come after
+        numel = numel * s // kwargs["channel_size"]
     steps = 0
     for n_lo in range(0, max(n, 1), chunk_n):
         rows = triton.cdiv(min(chunk_n, n - n_lo), block_n) if n else 0

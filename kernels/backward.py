@@ -27,7 +27,11 @@ import triton.language as tl
 from .activation import activation_backward
 from .indexing import (
     advance,
+    edge_positions,
+    edge_rows,
+    edge_start,
     float_argument,
+    interior_offsets,
     lane_offsets,
     lanes,
     load_affine,
@@ -122,6 +126,8 @@ def _backward_reduce_kernel(
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the inner loop's loads (1: none)
     GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
     MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
+    channel_size,  # positions per channel (with EDGES, S is the aligned interior's)
+    EDGES: tl.constexpr,  # the loop walks each row's aligned interior, then the edges (launchers.interior_length)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -138,6 +144,11 @@ def _backward_reduce_kernel(
     dy_offsets = lane_offsets(channels, lane_n, lane_s, stride_dyn, stride_dyc, stride_dys, INT64)
     x_offsets = lane_offsets(channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
     r_offsets = lane_offsets(channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    if EDGES:  # (one channel per program; dy and the residual strided like x)
+        start = edge_start(channels, channel_size, VEC)
+        x_offsets = interior_offsets(x_offsets, start, stride_xs, VEC)
+        dy_offsets = x_offsets
+        r_offsets = x_offsets
     steps = step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)
     total_dy = tl.zeros([BLOCK_C], dtype=tl.float64)
     total_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float64)
@@ -165,6 +176,24 @@ def _backward_reduce_kernel(
             n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
         total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)
+    if EDGES:
+        if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
+            EDGE_BLOCK: tl.constexpr = 2 * VEC
+            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
+            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            for edge_n in range(n_lo, n_hi, EDGE_ROWS):
+                offsets, mask = edge_rows(edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS)
+                dy = widen(tl.load(dy_ptr + offsets, mask=mask, other=0.0), ACC_DTYPE)
+                x = widen(tl.load(x_ptr + offsets, mask=mask, other=0.0), ACC_DTYPE)
+                r_pointers = offsets  # unused without a residual
+                if residual_ptr is not None:
+                    r_pointers = residual_ptr + offsets
+                dy = _grad_before_activation(
+                    dy, x, mean[:, None], (invstd * weight)[:, None], bias[:, None], residual_ptr, r_pointers, mask,
+                    negative_slope, ACTIVATION, ACC_DTYPE, False,
+                )  # fmt: skip
+                total_dy += tl.sum(tl.sum(dy.to(tl.float64), axis=1), axis=0)
+                total_dy_xmu += tl.sum(tl.sum((dy * (x - mean[:, None])).to(tl.float64), axis=1), axis=0)
 
     _finish_grad_sums(
         sums_ptr, grad_weight_ptr, grad_bias_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits,
@@ -287,8 +316,8 @@ def _run_backward_reduce_kernel(
         x_rows += row_step
         r_rows += row_step
     rows_left = n_hi - n_lo - whole_steps * BLOCK_N
-    if rows_left > 0:  # the split's last rows: one masked step
-        for part in tl.static_range(FOLD):
+    for part in tl.static_range(FOLD):  # the split's last rows: a masked step, its slices that hold any
+        if part * SLICE < rows_left:
             acc_dy, acc_dy_xmu = _run_gradient_step(
                 dy_rows + part * slice_step, x_rows + part * slice_step, r_rows + part * slice_step, offsets,
                 (lane_n + part * SLICE < rows_left)[:, None], acc_dy, acc_dy_xmu, mean_p, scale_p, bias_p,
@@ -346,7 +375,8 @@ def _backward_dx_kernel(
     SAME_STRIDES: tl.constexpr,  # dy, dx (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
     RUN_CHANNELS: tl.constexpr,  # >0: channel runs (launchers.channel_run_tiling): channels per program
-    channel_size,  # positions per channel (with channel runs S is the run's length)
+    channel_size,  # positions per channel (with channel runs S is the run's length, with EDGES the interior's)
+    EDGES: tl.constexpr,  # the loop walks each row's aligned interior, then the edges (launchers.interior_length)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -379,31 +409,70 @@ def _backward_dx_kernel(
     x_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
     dx_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_dxn, stride_dxc, stride_dxs, INT64)
     r_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    if EDGES:  # (one channel per program; every view strided like x)
+        start = edge_start(channels, channel_size, VEC)
+        x_offsets = interior_offsets(x_offsets, start, stride_xs, VEC)
+        dy_offsets = x_offsets
+        dx_offsets = x_offsets
+        r_offsets = x_offsets
     n0 = n_lo
     s0 = s_lo
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
         mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC, lanes_in_run)
-        dy = tl.load(step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), mask=mask, other=0.0)
-        dy = widen(dy, ACC_DTYPE, VEC * CVEC > 1)
-        if BATCH_STATS or ACTIVATION != 0:
-            x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
-            x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)
+        x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
         r_pointers = r_offsets  # unused without a residual
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
-        if ACTIVATION != 0:
-            dy = _grad_before_activation(
-                dy, x, mean_t, scale_t, bias_t, residual_ptr, r_pointers, mask, negative_slope,
-                ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
-            )  # fmt: skip
+        dy, dx = _input_gradient(
+            step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC), x_pointers, residual_ptr,
+            r_pointers, mask, mean_t, invstd_t, scale_t, bias_t, mean_dy_t, mean_dy_xhat_t, negative_slope,
+            BATCH_STATS, ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
+        )  # fmt: skip
         if grad_residual_ptr is not None:
             gr_pointers = step_pointers(grad_residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
             tl.store(gr_pointers, dy.to(grad_residual_ptr.dtype.element_ty), mask=mask)
         if dx_ptr is not None:
-            if BATCH_STATS:
-                xhat = (x - mean_t) * invstd_t
-                dy = dy - mean_dy_t - xhat * mean_dy_xhat_t
-            dx = dy * scale_t
             dx_pointers = step_pointers(dx_ptr, dx_offsets, n0, s0, stride_dxn, stride_dxs, VEC, CVEC)
             tl.store(dx_pointers, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
+    if EDGES:
+        if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
+            EDGE_BLOCK: tl.constexpr = 2 * VEC
+            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
+            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            for edge_n in range(n_lo, n_hi, EDGE_ROWS):
+                offsets, mask = edge_rows(edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS)
+                r_pointers = offsets  # unused without a residual
+                if residual_ptr is not None:
+                    r_pointers = residual_ptr + offsets
+                dy, dx = _input_gradient(
+                    dy_ptr + offsets, x_ptr + offsets, residual_ptr, r_pointers, mask, mean_t, invstd_t, scale_t,
+                    bias_t, mean_dy_t, mean_dy_xhat_t, negative_slope, BATCH_STATS, ACTIVATION, ACC_DTYPE, False,
+                )  # fmt: skip
+                if grad_residual_ptr is not None:
+                    tl.store(grad_residual_ptr + offsets, dy.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+                if dx_ptr is not None:
+                    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _input_gradient(
+    dy_pointers, x_pointers, residual_ptr, r_pointers, mask, mean, invstd, scale, bias, mean_dy, mean_dy_xhat,
+    negative_slope, BATCH_STATS: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PAIRED: tl.constexpr,
+):  # fmt: skip
+    """``(dy before the activation, dx)`` of one tile in ``ACC_DTYPE`` (the coefficients broadcast
+    to it; ``PAIRED``: from vector loads, see ``indexing.widen``). x is read only where needed."""
+    dy = widen(tl.load(dy_pointers, mask=mask, other=0.0), ACC_DTYPE, PAIRED)
+    x = dy  # unused unless read below
+    if BATCH_STATS or ACTIVATION != 0:
+        x = widen(tl.load(x_pointers, mask=mask, other=0.0), ACC_DTYPE, PAIRED)
+    if ACTIVATION != 0:
+        dy = _grad_before_activation(
+            dy, x, mean, scale, bias, residual_ptr, r_pointers, mask, negative_slope, ACTIVATION, ACC_DTYPE, PAIRED
+        )
+    grad = dy
+    if BATCH_STATS:
+        xhat = (x - mean) * invstd
+        grad = dy - mean_dy - xhat * mean_dy_xhat
+    return dy, grad * scale

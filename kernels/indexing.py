@@ -205,6 +205,42 @@ def per_channel_tile(values, channel_size, BLOCK_N: tl.constexpr, BLOCK_S: tl.co
 
 
 @triton.jit
+def edge_start(channels, channel_size, VEC: tl.constexpr):
+    """Edges mode (``launchers.interior_length``; contiguous layout, S not a multiple of VEC): the
+    first 16-byte aligned position of each channel's rows ``[BLOCK_C]``, 0 .. VEC - 1 (the sample
+    stride is a multiple of VEC, so it is the same in every sample). Once per program."""
+    return (VEC - (channels % VEC) * (channel_size % VEC) % VEC) % VEC
+
+
+@triton.jit
+def interior_offsets(offsets, start, stride_s, VEC: tl.constexpr):
+    """Edges mode: a step's lane offsets ``[BLOCK_C, BLOCK_M]`` moved to each channel's aligned
+    interior (``start``, ``edge_start``), hinted as 128-bit runs (the channel stride, S, is odd:
+    the compiler cannot see the alignment)."""
+    moved = offsets + start[:, None] * stride_s
+    return tl.max_contiguous(tl.multiple_of(moved, [1, VEC]), [1, VEC])
+
+
+@triton.jit
+def edge_positions(start, interior, channel_size, EDGE_BLOCK: tl.constexpr):
+    """Edges mode: ``(positions, valid)`` ``[1, EDGE_BLOCK]`` of the elements of a row outside its
+    aligned interior ``[start, start + interior)``: the ``start`` before it, then the rest after
+    it (``channel_size - interior`` in all, fewer than ``EDGE_BLOCK``). ``start`` is ``[1]``."""
+    slot = tl.arange(0, EDGE_BLOCK)[None, :]
+    positions = tl.where(slot < start[:, None], slot, slot + interior)
+    return positions, slot < channel_size - interior
+
+
+@triton.jit
+def edge_rows(n0, n_hi, channel, positions, valid, stride_n, stride_c, EDGE_ROWS: tl.constexpr):
+    """Edges mode: int64 element offsets ``[EDGE_ROWS, EDGE_BLOCK]`` of the edge elements of
+    samples ``n0 ..`` of ``channel`` (unit position stride), and their mask."""
+    rows = n0 + tl.arange(0, EDGE_ROWS)[:, None]
+    offsets = rows.to(tl.int64) * stride_n + channel.to(tl.int64) * stride_c + positions
+    return offsets, (rows < n_hi) & valid
+
+
+@triton.jit
 def run_tile(C, S, stride_n, RUN_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
              ROWS: tl.constexpr, VEC: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
     """Channel runs, the reductions' walk (``launchers.channel_run_tiling``): a program reads the

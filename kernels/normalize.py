@@ -19,7 +19,11 @@ import triton.language as tl
 from .activation import apply_activation
 from .indexing import (
     advance,
+    edge_positions,
+    edge_rows,
+    edge_start,
     float_argument,
+    interior_offsets,
     lane_offsets,
     lanes,
     load_affine,
@@ -158,7 +162,8 @@ def _normalize_kernel(
     SAME_STRIDES: tl.constexpr,  # y (and residual) strided like x: one set of offsets (fewer registers)
     NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop's loads (1: none)
     RUN_CHANNELS: tl.constexpr,  # >0: channel runs (launchers.channel_run_tiling): channels per program
-    channel_size,  # positions per channel (with channel runs S is the run's length)
+    channel_size,  # positions per channel (with channel runs S is the run's length, with EDGES the interior's)
+    EDGES: tl.constexpr,  # the loop walks each row's aligned interior, then the edges (launchers.interior_length)
 ):
     if SAME_STRIDES:
         stride_yn, stride_yc, stride_ys = stride_xn, stride_xc, stride_xs
@@ -197,17 +202,53 @@ def _normalize_kernel(
     x_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_xn, stride_xc, stride_xs, INT64)
     y_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_yn, stride_yc, stride_ys, INT64)
     r_offsets = lane_offsets(tile_channels, lane_n, lane_s, stride_rn, stride_rc, stride_rs, INT64)
+    if EDGES:  # (one channel per program; y and the residual strided like x)
+        start = edge_start(channels, channel_size, VEC)
+        x_offsets = interior_offsets(x_offsets, start, stride_xs, VEC)
+        y_offsets = x_offsets
+        r_offsets = x_offsets
     n0 = n_lo
     s0 = s_lo
     for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
         mask = step_mask(tile_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC, lanes_in_run)
         x = tl.load(step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC), mask=mask, other=0.0)
-        # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
-        y = (widen(x, ACC_DTYPE, VEC * CVEC > 1) - mean_t) * scale_t + shift_t
+        r_pointers = r_offsets  # unused without a residual
         if residual_ptr is not None:
             r_pointers = step_pointers(residual_ptr, r_offsets, n0, s0, stride_rn, stride_rs, VEC, CVEC)
-            y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, VEC * CVEC > 1)
-        y = apply_activation(y, negative_slope, ACTIVATION)
+        y = _transform(
+            x, residual_ptr, r_pointers, mask, mean_t, scale_t, shift_t, negative_slope, ACTIVATION, ACC_DTYPE,
+            VEC * CVEC > 1,
+        )  # fmt: skip
         y_pointers = step_pointers(y_ptr, y_offsets, n0, s0, stride_yn, stride_ys, VEC, CVEC)
         tl.store(y_pointers, y.to(y_ptr.dtype.element_ty), mask=mask)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
+    if EDGES:
+        if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
+            EDGE_BLOCK: tl.constexpr = 2 * VEC
+            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
+            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            for edge_n in range(n_lo, n_hi, EDGE_ROWS):
+                offsets, mask = edge_rows(edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+                r_pointers = offsets  # unused without a residual
+                if residual_ptr is not None:
+                    r_pointers = residual_ptr + offsets
+                y = _transform(
+                    x, residual_ptr, r_pointers, mask, mean_t, scale_t, shift_t, negative_slope, ACTIVATION,
+                    ACC_DTYPE, False,
+                )  # fmt: skip
+                tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _transform(
+    x, residual_ptr, r_pointers, mask, mean, scale, shift, negative_slope, ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PAIRED: tl.constexpr,
+):  # fmt: skip
+    """``act((x - mean) * scale + shift [+ residual])`` in ``ACC_DTYPE`` for one tile (``PAIRED``:
+    from vector loads, see ``indexing.widen``)."""
+    # (x - mean) first: exact for x near mean, unlike x * scale - mean * scale.
+    y = (widen(x, ACC_DTYPE, PAIRED) - mean) * scale + shift
+    if residual_ptr is not None:
+        y += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, PAIRED)
+    return apply_activation(y, negative_slope, ACTIVATION)

@@ -42,6 +42,10 @@ import triton.language as tl
 
 from .indexing import (
     advance,
+    edge_positions,
+    edge_rows,
+    edge_start,
+    interior_offsets,
     lane_offsets,
     lane_visits,
     lanes,
@@ -133,6 +137,8 @@ def _partial_stats_kernel(
     ROWS_ONLY: tl.constexpr,  # S = 1 (collapsed channels_last, 2-D): steps advance along N only
     GROUP_SPLITS: tl.constexpr,  # splits per merge group (kernels/merge.py)
     MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
+    channel_size,  # positions per channel (with EDGES, S is the aligned interior's)
+    EDGES: tl.constexpr,  # the loop walks each row's aligned interior, then the edges (launchers.interior_length)
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -144,6 +150,10 @@ def _partial_stats_kernel(
     # Parked lanes (see the module docstring): lanes outside the rectangle (and channels past C)
     # read an element they are shifted by.
     parking = parking_offsets(channels, C, stride_xc, stride_xs, INT64, VEC)
+    if EDGES:  # (one channel per program) every row read from its aligned interior, parked there too
+        start = edge_start(channels, channel_size, VEC)
+        offsets = interior_offsets(offsets, start, stride_xs, VEC)
+        parking += start[:, None] * stride_xs
     parked = x_ptr + per_lane(parking, BLOCK_N * BLOCK_S)
     if VEC > 1:  # (a pointer's divisibility is in bytes: every 128-bit run is 16-byte aligned)
         parked = tl.max_contiguous(tl.multiple_of(parked, [1, 16]), [1, VEC])
@@ -187,7 +197,7 @@ def _partial_stats_kernel(
 
     # Every channel's local count is N x S, split or not (written so that N or S specialized to the
     # constant 1 by Triton's JIT still works: batch 1 per rank splits along S).
-    count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * S
+    count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * channel_size
     # The one reduction, in float64 (lanes with their own shift: moved to the pilot first).
     if not OWN_SHIFTS:
         shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)
@@ -203,6 +213,19 @@ def _partial_stats_kernel(
         shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1) + tl.sum(
             run_shift * (2.0 * run_sum + run_visits * run_shift), axis=1
         )
+    if EDGES:
+        if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
+            EDGE_BLOCK: tl.constexpr = 2 * VEC
+            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
+            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            for edge_n in range(n_lo, n_hi, EDGE_ROWS):
+                edge_offsets, mask = edge_rows(
+                    edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS
+                )
+                x = tl.load(x_ptr + edge_offsets, mask=mask, other=0.0)
+                shifted = tl.where(mask, widen(x, ACC_DTYPE) - pilot[:, None], 0.0).to(tl.float64)
+                shifted_sum += tl.sum(tl.sum(shifted, axis=1), axis=0)
+                shifted_sumsq += tl.sum(tl.sum(shifted * shifted, axis=1), axis=0)
     _finish(
         out_ptr, partials_ptr, tickets_ptr, channels, channel_mask, C, num_splits, count, shifted_sum, shifted_sumsq,
         pilot, BLOCK_C, GROUP_SPLITS, MERGE_ROWS,
@@ -283,8 +306,8 @@ def _run_stats_kernel(
             acc_sumsq += shifted * shifted
         rows += row_step
     rows_left = n_hi - n_lo - whole_steps * BLOCK_N
-    if rows_left > 0:  # the split's last rows: one masked step
-        for part in tl.static_range(FOLD):
+    for part in tl.static_range(FOLD):  # the split's last rows: a masked step, its slices that hold any
+        if part * SLICE < rows_left:
             mask = (lane_n + part * SLICE < rows_left)[:, None]
             x = tl.load(rows + part * slice_step + offsets, mask=mask, other=0.0)
             shifted = tl.where(mask, widen(x, ACC_DTYPE, True) - position_pilot, 0.0)

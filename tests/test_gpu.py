@@ -50,6 +50,12 @@ GPU_CASES = [
         device="cuda",
     ),
     Case(batches=(6,), track_running_stats=False, device="cuda"),
+    # S odd, contiguous: channel runs (S = 49; fp32 runs of 4, bf16 of 8 channels) and edges mode
+    # (S = 169 fp32, 361 bf16: aligned interiors, their misaligned edges after the loop)
+    Case(batches=(6,), tail=(8, 7, 7), device="cuda"),
+    Case(batches=(6,), tail=(16, 7, 7), dtype=torch.bfloat16, activation="relu", residual="same", device="cuda"),
+    Case(batches=(3,), tail=(4, 13, 13), device="cuda"),
+    Case(batches=(2,), tail=(8, 19, 19), dtype=torch.bfloat16, activation="silu", residual="same", device="cuda"),
 ] + [Case(**{**case.__dict__, "device": "cuda"}) for case in SINGLE_PROCESS_CASES if case.world == 1]
 
 

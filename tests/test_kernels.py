@@ -74,24 +74,34 @@ CASES = [
     KernelCase((1, 3, 2, 3, 4), torch.float32, "channels_last", tiles=(4, 4, 4)),
     # channel runs (S odd, contiguous): 2 runs of 4 fp32 channels; runs of 20 with C = 28 (the last
     # run 8 channels) and many splits along N; bf16 runs of 8 channels x 25. The reductions'
-    # splits along N: 2 whole steps of 8 samples and a masked step of 4 (fp32); 1 whole step of 16
-    # samples and a masked step of 4 in two folded slices of 8 (bf16)
+    # splits along N: 2 whole steps of 8 samples and a masked step of 4 (fp32); bf16 splits of 40
+    # samples: statistics 1 whole step of 32 in 4 folded slices of 8 and a masked step of 8 (one
+    # slice read, three skipped), gradient sums 2 whole steps of 16 (2 slices) and a masked 8
     KernelCase((3, 8, 7, 7), activation="relu", residual="same"),
     KernelCase((5, 28, 7, 7), programs=528),
     KernelCase((2, 16, 5, 5), torch.bfloat16, activation="silu", residual="contiguous"),
     KernelCase((40, 8, 7, 7), activation="leaky_relu", residual="same"),
-    KernelCase((40, 16, 5, 5), torch.bfloat16, mode="cumulative"),
+    KernelCase((80, 16, 5, 5), torch.bfloat16, mode="cumulative"),
+    # edges mode (S odd and long, contiguous): each row's aligned interior with 128-bit accesses, the
+    # elements around it after the loop. fp32 S = 169 (interior 164, 5 edge elements per row); fp32
+    # S = 961 split along N and S for a GPU-sized grid (interior 956: a whole and a partial step);
+    # bf16 S = 361 (interior 352, 9 edge elements)
+    KernelCase((3, 4, 13, 13), activation="relu", residual="same"),
+    KernelCase((3, 4, 31, 31), programs=528, mode="cumulative"),
+    KernelCase((2, 8, 19, 19), torch.bfloat16, activation="silu", residual="same"),
 ]
 
 # the channels per run (launchers.channel_run_tiling) of the channel-run cases above, and the
-# statistics kernel's FOLD there
+# FOLD of their statistics and gradient sums there
 CHANNEL_RUN_CASES = {
-    CASES[-5].id: (4, 1),
-    CASES[-4].id: (20, 1),
-    CASES[-3].id: (8, 2),
-    CASES[-2].id: (4, 1),
-    CASES[-1].id: (8, 2),
+    CASES[-8].id: (4, 1, 1),
+    CASES[-7].id: (20, 1, 1),
+    CASES[-6].id: (8, 1, 1),
+    CASES[-5].id: (4, 1, 1),
+    CASES[-4].id: (8, 4, 2),
 }
+# the edges-mode cases above: their aligned interiors' length
+EDGE_CASES = {CASES[-3].id: 164, CASES[-2].id: 956, CASES[-1].id: 352}
 
 # (WHOLE_N, WHOLE_S, FOLD) of the statistics launch of each parked-lane case above
 PARKED_LANE_CASES = {
@@ -253,13 +263,49 @@ def test_channel_run_cases_walk_runs_with_128_bit_accesses(case: KernelCase) -> 
     launchers.backward_dx(x, x, torch.empty_like(x), None, None, saved, sums, Epilogue(), dispatch=dispatch)
     names = [name for name, _, _ in launches]
     assert names == ["_run_stats_kernel", "_normalize_kernel", "_run_backward_reduce_kernel", "_backward_dx_kernel"]
-    run, fold = CHANNEL_RUN_CASES[case.id]
+    run, *folds = CHANNEL_RUN_CASES[case.id]
     for name, args, kwargs in launches:
         assert kwargs.get("RUN_CHANNELS") == run, kwargs
         assert kwargs["VEC"] == 16 // x.element_size(), kwargs
         if name.startswith("_run_"):  # the reductions: FOLD, and at most RUN_REDUCTION_STEPS whole steps each
-            assert kwargs["FOLD"] == fold, kwargs
+            assert kwargs["FOLD"] == folds[name == "_run_backward_reduce_kernel"], kwargs
             assert args["chunk_n"] // kwargs["BLOCK_N"] <= launchers.RUN_REDUCTION_STEPS, (args, kwargs)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.id in EDGE_CASES], ids=lambda case: case.id)
+def test_edge_cases_walk_aligned_interiors_with_128_bit_accesses(case: KernelCase) -> None:
+    """Every kernel of the edges-mode cases walks the rows' aligned interiors (S passed as the
+    interior's length, the true one as channel_size) with 16-byte vectors; the oracle cases above
+    check what they compute, edges included. The GPU-grid case splits rows along S too, so the
+    edges belong to one split of each row."""
+    from kernel_tasks import _layout
+    from triton_syncbn import launchers
+    from triton_syncbn.contract import SavedStatistics
+    from triton_syncbn.layout import channel_view
+
+    launches = []
+
+    def record(kernel: object, grid: tuple[int, ...], args: tuple[object, ...], kwargs: dict) -> None:
+        launches.append((kernel.__name__, dict(zip(kernel.arg_names, args, strict=False)), kwargs))
+
+    dispatch = launchers.Dispatch(case.programs or 4, record)
+    x = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
+    stats = torch.rand(3, case.shape[1], dtype=torch.float64)
+    launchers.partial_stats(x, dispatch=dispatch)
+    mean, invstd = launchers.normalize(
+        x, torch.empty_like(x), None, None, stats, None, 1e-5, Epilogue(), dispatch=dispatch
+    )
+    saved = SavedStatistics(mean, invstd, stats[0])
+    sums = torch.zeros(2, case.shape[1], dtype=mean.dtype)
+    launchers.backward_reduce(x, x, None, None, saved, Epilogue(), None, None, dispatch=dispatch)
+    launchers.backward_dx(x, x, torch.empty_like(x), None, None, saved, sums, Epilogue(), dispatch=dispatch)
+    names = [name for name, _, _ in launches]
+    assert names == ["_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel"]
+    for name, args, kwargs in launches:
+        assert kwargs["EDGES"] and kwargs["VEC"] == 16 // x.element_size(), (name, kwargs)
+        assert (args["S"], kwargs["channel_size"]) == (EDGE_CASES[case.id], x.shape[2]), (name, args)
+        if case.programs:
+            assert args["s_splits"] > 1, (name, args)
 
 
 def test_channel_run_reductions_split_deep_batches_into_short_walks() -> None:

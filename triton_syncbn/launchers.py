@@ -53,10 +53,11 @@ MERGE_TILE = 1024
 RUN_REDUCTION_PROGRAMS_PER_SM = 4
 # Registers per thread the channel-run statistics kernel may use (Triton's ``maxnreg``): on sm_90
 # its float64 segmented scan after the loop peaks at 118 registers for 16-bit inputs (4 programs
-# per SM); capped, 8-12 setup and epilogue accesses spill to local memory, none in the loop (every
-# dtype, FOLD and pipelining depth checked; bench/perf_model.py fails a loop that spills), and 5
-# fit. The gradient sums are not capped: with a fused activation's coefficients a cap of 96 spilled
-# inside their loop; they take 94 (fp32) and 140-144 (bf16) registers.
+# per SM); capped, 6-22 setup and epilogue accesses spill to local memory, none in the loop (every
+# dtype and FOLD checked at the pipelining depths the launchers use, 1 and REDUCTION_STAGES = 3; a
+# depth of 2 spills in the loop of 16-bit inputs, which bench/perf_model.py fails), and 5 fit. The
+# gradient sums are not capped: with a fused activation's coefficients a cap of 96 spilled inside
+# their loop; they take 94 (fp32) and 140-144 (bf16) registers.
 RUN_STATISTICS_REGISTERS = 96
 # Whole steps a channel-run reduction's program takes at most (the launcher splits N to keep it):
 # its lanes then sum at most RUN_REDUCTION_STEPS x FOLD + 1 values in fp32 before the float64
@@ -116,6 +117,9 @@ class Tiling:
     # Channel runs (contiguous layout, S odd; kernels/indexing.py): each program walks a run of
     # run_channels consecutive channels, block_s >= run_channels x S positions; 0: off.
     run_channels: int = 0
+    # Edges mode (contiguous layout, S odd and long; interior_length): the blocks and splits cover
+    # each row's aligned interior of this many positions, the rest after the loop; 0: off.
+    interior: int = 0
 
     @property
     def block_m(self) -> int:
@@ -142,7 +146,7 @@ class Tiling:
     def refit(self, view: torch.Tensor) -> Tiling:
         """The same block_c, block_m and split budget on ``view`` (as collapsed by a launcher);
         a channel-run tiling (``channel_run_tiling``) as it is."""
-        if self.run_channels:
+        if self.run_channels or self.interior:
             return self
         return _fit(view, self.block_c, self.block_m, self.splits)
 
@@ -286,11 +290,12 @@ MIN_RUN_UTILIZATION = 0.75
 
 
 def channel_run_tiling(
-    view: torch.Tensor, programs: int, *others: torch.Tensor | None, reduction: bool = False
+    view: torch.Tensor, programs: int, *others: torch.Tensor | None, reduction: bool = False, fold: int = 1
 ) -> Tiling | None:
     """Channel runs for a kernel over ``view`` ``[N, C, S]`` (and ``others``, strided alike), or
     None where they do not apply. Reductions (``reduction=True``) split a run over at most
     ``MAX_SPLITS`` programs along N, aiming at ``programs``; elementwise kernels split freely.
+    ``fold``: steps of ``fold`` times the samples (the statistics of 16-bit inputs, FOLD).
 
     In the contiguous layout with S not a multiple of the 16-byte vector (S = 49: 7x7 maps), a
     (sample, channel) row cannot be read in aligned 16-byte pieces, but the rows of consecutive
@@ -321,7 +326,7 @@ def channel_run_tiling(
     if best is None or best[0] < MIN_RUN_UTILIZATION:
         return None
     _, run, block = best
-    block_n = min(tile // block, _next_power_of_2(max(batch, 1)))
+    block_n = min(fold * tile // block, _next_power_of_2(max(batch, 1)))
     runs = _cdiv(channels, run)
     steps = _cdiv(max(batch, 1), block_n)
     if reduction:
@@ -347,6 +352,38 @@ def _run_reduction_chunk(batch: int, runs: int, programs: int, longest: int) -> 
     candidates = [chunk for chunk in {max(batch // wanted, 1), _cdiv(batch, wanted)} if chunk <= longest]
     enough = [chunk for chunk in candidates if runs * _cdiv(batch, chunk) >= target]
     return max(enough) if enough else min(candidates)
+
+
+# Edges mode applies from this many 16-byte vectors per channel: the fewer than two vectors of
+# elements around each row's aligned interior then stay under 5% of it.
+MIN_EDGE_VECTORS = 40
+
+
+def interior_length(view: torch.Tensor, *others: torch.Tensor | None) -> int | None:
+    """Edges mode for ``view`` ``[N, C, S]`` (and ``others``, strided alike): the length of each
+    row's aligned interior, or None where the mode does not apply.
+
+    In the contiguous layout with S not a multiple of the 16-byte vector and too long for channel
+    runs (S9: 97 x 97 = 9409), a (sample, channel) row starts anywhere within a vector, but from
+    its first 16-byte aligned position on (``kernels.indexing.edge_start``, 0 to VEC - 1 in) it can
+    be read with 128-bit accesses. The kernels walk that interior, the same length for every
+    channel (S - VEC + 1 rounded down to the vector), as if it were the row, then add the few
+    elements before and after it (fewer than 2 x VEC per row) with scalar accesses after their
+    loop. Needs the sample stride a multiple of the vector."""
+    batch, channels, spatial = view.shape
+    geometries = _geometries(view, *others)
+    vector = 16 // max(itemsize for _, _, itemsize in geometries)
+    if spatial % vector == 0 or spatial < MIN_EDGE_VECTORS * vector or not _same_strides(geometries):
+        return None
+    stride_n, stride_c, stride_s = view.stride()
+    if stride_s != 1 or stride_c != spatial or stride_n % vector:
+        return None
+    return (spatial - vector + 1) // vector * vector
+
+
+def _interior_view(view: torch.Tensor, interior: int) -> torch.Tensor:
+    """``view`` as its rows' aligned interiors ``[N, C, interior]`` (for block sizes and splits)."""
+    return view.as_strided((view.shape[0], view.shape[1], interior), view.stride())
 
 
 def _target_programs(device: torch.device) -> int:
@@ -411,6 +448,9 @@ def elementwise_tiling(
         tiling = channel_run_tiling(view, programs, *runs)
         if tiling is not None:
             return tiling
+        interior = interior_length(view, *runs)
+        if interior is not None:
+            return replace(choose_tiling(_interior_view(view, interior), programs, reduction=False), interior=interior)
     return choose_tiling(view, programs, reduction=False)
 
 
@@ -486,7 +526,7 @@ def spatial_vector(tiling: Tiling, *views: torch.Tensor | None) -> int:
 
 def _spatial_vector(tiling: Tiling, geometries: tuple[Geometry, ...]) -> int:
     vector = 16 // max(itemsize for _, _, itemsize in geometries)
-    if tiling.run_channels:  # along the channel runs, which channel_run_tiling checked
+    if tiling.run_channels or tiling.interior:  # along the runs or interiors, which their tilings checked
         return vector
     if tiling.block_s % vector or tiling.chunk_s % vector:
         return 1
@@ -508,6 +548,7 @@ def _whole_steps(view: torch.Tensor, tiling: Tiling) -> dict[str, bool]:
     (splits are whole steps, so it is enough that N / S are multiples of the block); ROWS_ONLY:
     S = 1, so steps advance along N only."""
     batch, _, spatial = view.shape
+    spatial = tiling.interior or spatial
     return {"WHOLE_N": batch % tiling.block_n == 0, "WHOLE_S": spatial % tiling.block_s == 0, "ROWS_ONLY": spatial == 1}
 
 
@@ -517,15 +558,20 @@ def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
 
 def _geometry(view: torch.Tensor, tiling: Tiling) -> tuple[int, ...]:
     """The (N, S, chunk_n, chunk_s, s_splits) arguments every streaming kernel takes (channel
-    runs: S is the run's length)."""
-    spatial = view.shape[2] * (tiling.run_channels or 1)
+    runs: S is the run's length; edges mode: the aligned interior's)."""
+    spatial = tiling.interior or view.shape[2] * (tiling.run_channels or 1)
     return (view.shape[0], spatial, tiling.chunk_n, tiling.chunk_s, tiling.s_splits)
 
 
-def _runs(view: torch.Tensor, tiling: Tiling) -> dict[str, int]:
-    """The channel-run arguments of the elementwise kernels: channels per run (0: none) and the
-    positions per channel (``_geometry`` passes the run's length as S)."""
-    return {"RUN_CHANNELS": tiling.run_channels, "channel_size": view.shape[2]}
+def _edges(view: torch.Tensor, tiling: Tiling) -> dict[str, int | bool]:
+    """The per-channel kernels' ``channel_size`` (positions per channel; ``_geometry`` may pass
+    another S) and ``EDGES`` (edges mode, ``interior_length``) arguments."""
+    return {"channel_size": view.shape[2], "EDGES": tiling.interior > 0}
+
+
+def _runs(view: torch.Tensor, tiling: Tiling) -> dict[str, int | bool]:
+    """The elementwise kernels' layout arguments: channels per run (0: none), and ``_edges``."""
+    return {"RUN_CHANNELS": tiling.run_channels, **_edges(view, tiling)}
 
 
 def _blocks(tiling: Tiling) -> dict[str, int]:
@@ -655,10 +701,14 @@ def _reduction_stages(tiling: Tiling) -> int:
 
 
 def _run_fold(x: torch.Tensor, tiling: Tiling) -> int:
-    """The channel-run statistics kernel's FOLD: 16-bit steps (32 elements per thread) add their
-    rows in ``STATISTICS_FOLD`` slices into one accumulator per lane of a slice, which halves the
-    accumulator registers (sm_90, S = 49 bf16: 138 -> 96 registers, 3 -> 5 programs per SM)."""
-    return STATISTICS_FOLD if x.element_size() == 2 and tiling.block_n % STATISTICS_FOLD == 0 else 1
+    """The channel-run reductions' FOLD: 16-bit steps add their rows in slices of 16 accumulators
+    per thread (sm_90, S = 49 bf16 statistics: 138 -> 96 registers with two rows a step, 3 -> 5
+    programs per SM), so that the statistics can take twice the rows per step
+    (``STATISTICS_FOLD``: 64 elements per thread, the loop's fixed work over 128 bytes)."""
+    if x.element_size() != 2:
+        return 1
+    slice_rows = max(_tile_elements(2) // 2 // tiling.block_s, 1)
+    return max(tiling.block_n // slice_rows, 1)
 
 
 def partial_stats(
@@ -679,8 +729,16 @@ def partial_stats(
     (x,) = _collapsed(x)
     channels = x.shape[1]
     programs = _programs(dispatch, x.device)
-    runs = channel_run_tiling(x, programs, reduction=True) if tiling is None else None
-    tiling, fold = (runs, 1) if runs is not None else _statistics_tiling(x, tiling, programs)
+    fold = STATISTICS_FOLD if x.element_size() == 2 else 1
+    runs = channel_run_tiling(x, programs, reduction=True, fold=fold) if tiling is None else None
+    interior = interior_length(x) if tiling is None and runs is None else None
+    if runs is not None:
+        tiling, fold = runs, 1
+    elif interior is not None:  # edges mode: blocks and splits of the rows' aligned interiors
+        tiling, fold = _statistics_tiling(_interior_view(x, interior), None, programs)
+        tiling = replace(tiling, interior=interior)
+    else:
+        tiling, fold = _statistics_tiling(x, tiling, programs)
     acc_dtype = accumulation_dtype(x.dtype)
     packed = torch.empty(3, channels, dtype=torch.float64, device=x.device)
     partials, tickets, merge = _merge_arguments(channels, tiling, merge_tickets, x.device)
@@ -700,7 +758,7 @@ def partial_stats(
         (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
         dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
              NUM_STAGES=_reduction_stages(tiling), FOLD=fold, **_whole_steps(x, tiling), **merge,
-             **_blocks(tiling)),
+             **_edges(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
     return packed
 
@@ -795,6 +853,9 @@ def backward_reduce(
     channels = x.shape[1]
     programs = _programs(dispatch, x.device)
     runs = channel_run_tiling(x, programs, grad_out, residual, reduction=True) if tiling is None else None
+    interior = interior_length(x, grad_out, residual) if tiling is None and runs is None else None
+    if interior is not None:  # edges mode: blocks and splits of the rows' aligned interiors
+        tiling = replace(choose_tiling(_interior_view(x, interior), programs), interior=interior)
     tiling = runs or (tiling.refit(x) if tiling else choose_tiling(x, programs))
     acc_dtype = accumulation_dtype(x.dtype)
     sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
@@ -819,7 +880,8 @@ def backward_reduce(
         (grad_out, x, residual, *parameters, *_geometry(x, tiling), tiling.splits, *float_halves(negative_slope),
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
-             SAME_STRIDES=same_strides, NUM_STAGES=_reduction_stages(tiling), **merge, **_blocks(tiling)),
+             SAME_STRIDES=same_strides, NUM_STAGES=_reduction_stages(tiling), **merge, **_edges(x, tiling),
+             **_blocks(tiling)),
     )  # fmt: skip
     return sums, grad_weight, grad_bias
 
