@@ -19,6 +19,10 @@ channel split across programs are float64 partials that the last program of the 
 to finish adds in a fixed order (``kernels/merge.py``; no separate merge kernel), so gradients
 are bitwise reproducible. The dx kernel reduces nothing;
 launchers size its grid on their own.
+
+S not a multiple of the 16-byte vector, contiguous layout: short rows (S = 49) take channel
+runs (``_run_backward_reduce_kernel``; the dx kernel's ``RUN_CHANNELS``), long ones edges mode
+(``EDGES``), as in ``kernels/stats.py``.
 """
 
 import triton

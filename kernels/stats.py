@@ -35,6 +35,10 @@ Splits of a channel (``num_splits > 1``) share the pilot, so their shifted sums 
 each stores float64 ``(S1, S2)`` partials and the last program of the channel block to
 finish adds them in a fixed order and writes the packed statistics (``kernels/merge.py``): no
 separate merge kernel, bitwise reproducible.
+
+S not a multiple of the 16-byte vector, contiguous layout: short rows (S = 49) are read as runs
+of whole channels by ``_run_stats_kernel``; long ones (S = 9409) by this kernel in edges mode
+(``EDGES``: each row's aligned interior in the loop, the few elements around it after).
 """
 
 import triton
