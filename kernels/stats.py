@@ -263,7 +263,7 @@ def _run_stats_kernel(
     C,  # channels (a multiple of VEC)
     N,  # samples
     S,  # positions per channel
-    chunk_n,  # samples per split (a multiple of BLOCK_N)
+    chunk_n,  # samples per split (any: the split's last rows take one masked step)
     num_splits,  # splits along N (grid axis 1)
     stride_xn,  # sample stride, in elements (a multiple of VEC); the channel stride is S
     ACC_DTYPE: tl.constexpr,

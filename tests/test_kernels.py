@@ -235,11 +235,9 @@ def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> No
     assert kwargs["VEC"] * kwargs["CVEC"] > 1, kwargs
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case.id in CHANNEL_RUN_CASES], ids=lambda case: case.id)
-def test_channel_run_cases_walk_runs_with_128_bit_accesses(case: KernelCase) -> None:
-    """normalize and the input gradient walk channel runs in these cases (S odd: no aligned runs
-    within a channel), with 16-byte vectors along the runs; the oracle cases above check what
-    they write."""
+def _training_step_launches(case: KernelCase) -> tuple[list[tuple[str, dict, dict]], torch.Tensor]:
+    """``(launches, x)``: the (kernel name, positional arguments by name, keyword arguments) of the
+    four launches of a training step on ``case``'s ``[N, C, S]`` view ``x``, recorded, not run."""
     from kernel_tasks import _layout
     from triton_syncbn import launchers
     from triton_syncbn.contract import SavedStatistics
@@ -261,6 +259,16 @@ def test_channel_run_cases_walk_runs_with_128_bit_accesses(case: KernelCase) -> 
     sums = torch.zeros(2, case.shape[1], dtype=mean.dtype)
     launchers.backward_reduce(x, x, None, None, saved, Epilogue(), None, None, dispatch=dispatch)
     launchers.backward_dx(x, x, torch.empty_like(x), None, None, saved, sums, Epilogue(), dispatch=dispatch)
+    return launches, x
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.id in CHANNEL_RUN_CASES], ids=lambda case: case.id)
+def test_channel_run_cases_walk_runs_with_128_bit_accesses(case: KernelCase) -> None:
+    """Every kernel walks channel runs in these cases (S odd: no aligned runs within a channel),
+    with 16-byte vectors along the runs; the oracle cases above check what they compute."""
+    from triton_syncbn import launchers
+
+    launches, x = _training_step_launches(case)
     names = [name for name, _, _ in launches]
     assert names == ["_run_stats_kernel", "_normalize_kernel", "_run_backward_reduce_kernel", "_backward_dx_kernel"]
     run, *folds = CHANNEL_RUN_CASES[case.id]
@@ -278,27 +286,7 @@ def test_edge_cases_walk_aligned_interiors_with_128_bit_accesses(case: KernelCas
     interior's length, the true one as channel_size) with 16-byte vectors; the oracle cases above
     check what they compute, edges included. The GPU-grid case splits rows along S too, so the
     edges belong to one split of each row."""
-    from kernel_tasks import _layout
-    from triton_syncbn import launchers
-    from triton_syncbn.contract import SavedStatistics
-    from triton_syncbn.layout import channel_view
-
-    launches = []
-
-    def record(kernel: object, grid: tuple[int, ...], args: tuple[object, ...], kwargs: dict) -> None:
-        launches.append((kernel.__name__, dict(zip(kernel.arg_names, args, strict=False)), kwargs))
-
-    dispatch = launchers.Dispatch(case.programs or 4, record)
-    x = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
-    stats = torch.rand(3, case.shape[1], dtype=torch.float64)
-    launchers.partial_stats(x, dispatch=dispatch)
-    mean, invstd = launchers.normalize(
-        x, torch.empty_like(x), None, None, stats, None, 1e-5, Epilogue(), dispatch=dispatch
-    )
-    saved = SavedStatistics(mean, invstd, stats[0])
-    sums = torch.zeros(2, case.shape[1], dtype=mean.dtype)
-    launchers.backward_reduce(x, x, None, None, saved, Epilogue(), None, None, dispatch=dispatch)
-    launchers.backward_dx(x, x, torch.empty_like(x), None, None, saved, sums, Epilogue(), dispatch=dispatch)
+    launches, x = _training_step_launches(case)
     names = [name for name, _, _ in launches]
     assert names == ["_partial_stats_kernel", "_normalize_kernel", "_backward_reduce_kernel", "_backward_dx_kernel"]
     for name, args, kwargs in launches:
