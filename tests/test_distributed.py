@@ -52,6 +52,11 @@ CASES = [
     ),  # fmt: skip
     Case(batches=(3, 2), affine=False, activation="silu", residual="contiguous"),
     Case(batches=(2, 3), tail=(5,), dtype=torch.float64, activation="leaky_relu", residual="same", momentum=None),
+    # S odd, contiguous: channel runs (S = 49: runs of 4 fp32 channels; S = 25: 8 bf16 channels) and
+    # edges mode (S = 169: each row's aligned interior, its edges after), with an empty rank
+    Case(batches=(3, 0, 5), tail=(8, 7, 7), activation="relu", residual="same"),
+    Case(batches=(2, 1), tail=(16, 5, 5), dtype=torch.bfloat16, activation="silu", residual="same"),
+    Case(batches=(2, 0, 3), tail=(4, 13, 13), momentum=None, steps=2),
 ]
 
 
