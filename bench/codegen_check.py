@@ -5,7 +5,8 @@
 For each specialization the launchers pick (captured from real launcher calls on meta tensors,
 so the check compiles exactly what would run) it asserts:
 - it builds (PTX and a cubin from ptxas),
-- no local memory (register spills or a stack frame),
+- no local memory (register spills or a stack frame), and at most ``MAX_PTX_LINES`` of PTX (a
+  larger kernel took Triton 3.6 a minute or more to compile),
 - 128-bit global loads (or 16-byte cp.async copies, where the loop is pipelined) and stores in
   the streaming kernels for 16-byte aligned inputs, in both
   the contiguous and the channels_last layout,
@@ -106,8 +107,7 @@ def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
         ptx = compiled.asm["ptx"]
         if not compiled.asm.get("cubin"):
             failures.append("no cubin")
-        if ".local" in ptx:
-            failures.append("local memory (spills or stack)")
+        failures += ptx_failures(ptx)
         if launch.name in STREAMING:
             # plain 128-bit loads, or 16-byte asynchronous copies of a software-pipelined loop
             vector = bool(re.search(r"ld\.global(\.\w+)*\.(v4\.b32|v2\.b64)", ptx)) or bool(
@@ -124,6 +124,23 @@ def check(spec: Spec, arch: int) -> list[tuple[str, list[str]]]:
                 failures.append("64-bit indexing expected" if spec.expect_int64 else "needless 64-bit indexing")
         results.append((label, failures))
     return results
+
+
+# PTX lines a kernel may have: Triton 3.6 (the GPU machines') took 30-100 s to compile statistics
+# kernels of 20-29 thousand lines (a [BLOCK_C, RUNS, VEC] reshape in their epilogue); every
+# kernel now has at most ~7700 and compiles in about a second.
+MAX_PTX_LINES = 12000
+
+
+def ptx_failures(ptx: str) -> list[str]:
+    """What is wrong with a kernel's PTX as such: local memory, or a size that compiles slowly."""
+    failures = []
+    if ".local" in ptx:
+        failures.append("local memory (spills or stack)")
+    lines = ptx.count("\n")
+    if lines > MAX_PTX_LINES:
+        failures.append(f"{lines} PTX lines > {MAX_PTX_LINES} (slow to compile)")
+    return failures
 
 
 def merge_ordering_failures(launch: KernelLaunch, ptx: str) -> list[str]:

@@ -207,16 +207,18 @@ def _partial_stats_kernel(
         shifted_sum = tl.sum(acc_sum.to(tl.float64), axis=1)
         shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1)
     else:
-        # Lanes l and l' with l = l' mod VEC share their shift: sum them first ([BLOCK_C, VEC]).
-        RUNS: tl.constexpr = BLOCK_N * BLOCK_S // VEC
-        visits = lane_visits(lane_n, lane_s, n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S)
-        run_visits = tl.sum(tl.reshape(visits, [RUNS, VEC]), axis=0).to(tl.float64)[None, :]
-        run_sum = tl.sum(tl.reshape(acc_sum.to(tl.float64), [BLOCK_C, RUNS // FOLD, VEC]), axis=1)
-        run_shift = run_pilot.to(tl.float64) - pilot.to(tl.float64)[:, None]
-        shifted_sum = tl.sum(run_sum + run_visits * run_shift, axis=1)
-        shifted_sumsq = tl.sum(acc_sumsq.to(tl.float64), axis=1) + tl.sum(
-            run_shift * (2.0 * run_sum + run_visits * run_shift), axis=1
-        )
+        # The lanes of one position share a shift: their rows are summed first ([BLOCK_C, BLOCK_S];
+        # a position's lanes visit n_hi - n_lo rows between them), then moved to the pilot.
+        # (Summing by VEC position through a [BLOCK_C, RUNS, VEC] reshape took Triton 3.6 30-100 s
+        # and 20-29 thousand PTX lines to compile.)
+        ROWS: tl.constexpr = BLOCK_N // FOLD
+        position_sum = tl.sum(tl.reshape(acc_sum.to(tl.float64), [BLOCK_C, ROWS, BLOCK_S]), axis=1)
+        position_sumsq = tl.sum(tl.reshape(acc_sumsq.to(tl.float64), [BLOCK_C, ROWS, BLOCK_S]), axis=1)
+        position_visits = lane_visits(0, tl.arange(0, BLOCK_S), 0, 1, s_lo, s_hi, 1, BLOCK_S) * (n_hi - n_lo)
+        visits = position_visits.to(tl.float64)[None, :]
+        shift = per_lane(run_pilot, BLOCK_S).to(tl.float64) - pilot.to(tl.float64)[:, None]
+        shifted_sum = tl.sum(position_sum + visits * shift, axis=1)
+        shifted_sumsq = tl.sum(position_sumsq + shift * (2.0 * position_sum + visits * shift), axis=1)
     if EDGES:
         if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
             EDGE_BLOCK: tl.constexpr = 2 * VEC

@@ -49,6 +49,13 @@ def test_split_reductions_merge_in_kernel() -> None:
     assert codegen_check.merge_ordering_failures(reductions[0], unfenced) != []
 
 
+def test_ptx_checks() -> None:
+    """Local memory and oversized PTX (slow to compile on Triton 3.6) fail; a small kernel passes."""
+    assert codegen_check.ptx_failures("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n" * 10) == []
+    assert codegen_check.ptx_failures(".local .align 8 .b8 __local_depot0[8];\n") != []
+    assert codegen_check.ptx_failures("add.s32 %r1, %r2, %r3;\n" * (codegen_check.MAX_PTX_LINES + 1)) != []
+
+
 def test_command_exit_status() -> None:
     assert codegen_check.main(["--arch", "90"]) == 0
 
