@@ -315,6 +315,18 @@ def test_channel_run_reductions_split_deep_batches_into_short_walks() -> None:
         assert needed <= launchers.merge_tickets_size(channels), channels
 
 
+def test_normalize_runs_split_small_tensors_into_one_wave() -> None:
+    """normalize (5 programs per SM fit) splits a small tensor's runs in samples, for one wave of
+    at least 4 programs per SM on an H200; the input gradient (4 fit) keeps whole steps."""
+    from triton_syncbn import launchers
+
+    x = torch.empty(32, 2048, 49, dtype=torch.bfloat16)  # S1 bf16: 52 runs of 40 channels
+    normalize = launchers.channel_run_tiling(x, 660, one_wave=True)
+    assert (normalize.run_channels, normalize.chunk_n, normalize.n_splits) == (40, 3, 11)  # 572 programs
+    dx = launchers.channel_run_tiling(x, 660)
+    assert dx.chunk_n % dx.block_n == 0 and dx.n_splits == 16
+
+
 def test_channel_run_reductions_keep_non_finite_channels_apart(clusters) -> None:
     """An Inf or NaN in one channel of a run stays in that channel: the segmented sums over a
     run's positions restart at every channel (a select, not a subtraction)."""

@@ -290,12 +290,20 @@ MIN_RUN_UTILIZATION = 0.75
 
 
 def channel_run_tiling(
-    view: torch.Tensor, programs: int, *others: torch.Tensor | None, reduction: bool = False, fold: int = 1
+    view: torch.Tensor,
+    programs: int,
+    *others: torch.Tensor | None,
+    reduction: bool = False,
+    fold: int = 1,
+    one_wave: bool = False,
 ) -> Tiling | None:
     """Channel runs for a kernel over ``view`` ``[N, C, S]`` (and ``others``, strided alike), or
     None where they do not apply. Reductions (``reduction=True``) split a run over at most
     ``MAX_SPLITS`` programs along N, aiming at ``programs``; elementwise kernels split freely.
     ``fold``: steps of ``fold`` times the samples (the statistics of 16-bit inputs, FOLD).
+    ``one_wave``: a kernel that fits PROGRAMS_PER_SM programs per SM (normalize) splits a small
+    tensor in samples, as the reductions do, for one wave of programs that each load their steps
+    at once (S1 bf16: 572 programs of 3 samples, where whole steps gave 832 of 2: 1.3 waves).
 
     In the contiguous layout with S not a multiple of the 16-byte vector (S = 49: 7x7 maps), a
     (sample, channel) row cannot be read in aligned 16-byte pieces, but the rows of consecutive
@@ -334,6 +342,10 @@ def channel_run_tiling(
         splits = _cdiv(max(batch, 1), chunk_n)
         if splits > MAX_SPLITS:
             return None  # a batch this deep keeps the per-channel walk, whose sums flush as they go
+        return Tiling(_next_power_of_2(run), block_n, block, chunk_n, block, splits, 1, run_channels=run)
+    if one_wave and _cdiv(steps, _ELEMENTWISE_STEPS) <= _cdiv(programs, runs):  # small: one wave, in samples
+        chunk_n = _run_reduction_chunk(max(batch, 1), runs, programs, max(batch, 1))
+        splits = _cdiv(max(batch, 1), chunk_n)
         return Tiling(_next_power_of_2(run), block_n, block, chunk_n, block, splits, 1, run_channels=run)
     wanted = max(_cdiv(programs, runs), _cdiv(steps, _ELEMENTWISE_STEPS))
     tiling = _with_splits((batch, runs, block), _next_power_of_2(run), block_n, block, wanted, 2**30)
@@ -430,12 +442,14 @@ def elementwise_tiling(
     flags: Callable[[], dict[str, bool | int]],
     dispatch: Dispatch = _DEFAULT_DISPATCH,
     runs: tuple[torch.Tensor | None, ...] | None = None,
+    one_wave: bool = False,
 ) -> Tiling:
     """The tiling of an elementwise kernel (``tuning.KERNELS``) on ``view`` ``[N, C, S]``: the
     tuned configuration of the dispatch's (or the process's) table for this key, else the
     heuristic. ``flags()`` gives the launch's constexpr flags fixed before tiling (called only
     when a table is in use). ``runs``: the kernel walks channel runs where they apply
-    (``channel_run_tiling`` of ``view`` and these other views) and no tuned entry says otherwise."""
+    (``channel_run_tiling`` of ``view`` and these other views, with ``one_wave``) and no tuned
+    entry says otherwise."""
     table = dispatch.tuning if dispatch.tuning is not None else tuning.active()
     programs = _programs(dispatch, view.device)
     if table is not None:
@@ -445,7 +459,7 @@ def elementwise_tiling(
         if config is not None:
             return _cached_tiling(tuple(view.shape), layout, view.element_size(), programs, False, config)
     if runs:
-        tiling = channel_run_tiling(view, programs, *runs)
+        tiling = channel_run_tiling(view, programs, *runs, one_wave=one_wave)
         if tiling is not None:
             return tiling
         interior = interior_length(view, *runs)
@@ -802,7 +816,7 @@ def normalize(
     tiling = tiling.refit(x) if tiling else elementwise_tiling(
         "normalize", x, lambda: dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
                                      RESIDUAL=residual is not None, SAME_STRIDES=_same_strides(geometries)),
-        dispatch, runs=(out, residual),
+        dispatch, runs=(out, residual), one_wave=True,
     )  # fmt: skip
     acc_dtype = accumulation_dtype(x.dtype)
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
