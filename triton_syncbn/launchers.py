@@ -109,7 +109,7 @@ class Tiling:
     block_c: int  # channels per program (power of two)
     block_n: int  # samples per step (power of two)
     block_s: int  # spatial positions per step (power of two)
-    chunk_n: int  # samples per split, a multiple of block_n
+    chunk_n: int  # samples per split, a multiple of block_n (channel runs: any; their last step is masked)
     chunk_s: int  # positions per split, a multiple of block_s
     n_splits: int
     s_splits: int
