@@ -31,9 +31,8 @@ import triton.language as tl
 from .activation import activation_backward
 from .indexing import (
     advance,
-    edge_positions,
-    edge_rows,
     edge_start,
+    edge_tile,
     float_argument,
     interior_offsets,
     lane_offsets,
@@ -182,11 +181,11 @@ def _backward_reduce_kernel(
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)
     if EDGES:
         if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
-            EDGE_BLOCK: tl.constexpr = 2 * VEC
-            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
-            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            EDGE_ROWS: tl.constexpr = 128 // VEC  # tiles of [EDGE_ROWS, 2 x VEC] elements
             for edge_n in range(n_lo, n_hi, EDGE_ROWS):
-                offsets, mask = edge_rows(edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS)
+                offsets, mask = edge_tile(
+                    edge_n, n_hi, channels, start, S, channel_size, stride_xn, stride_xc, VEC, EDGE_ROWS
+                )
                 dy = widen(tl.load(dy_ptr + offsets, mask=mask, other=0.0), ACC_DTYPE)
                 x = widen(tl.load(x_ptr + offsets, mask=mask, other=0.0), ACC_DTYPE)
                 r_pointers = offsets  # unused without a residual
@@ -441,11 +440,11 @@ def _backward_dx_kernel(
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
     if EDGES:
         if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
-            EDGE_BLOCK: tl.constexpr = 2 * VEC
-            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
-            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            EDGE_ROWS: tl.constexpr = 128 // VEC  # tiles of [EDGE_ROWS, 2 x VEC] elements
             for edge_n in range(n_lo, n_hi, EDGE_ROWS):
-                offsets, mask = edge_rows(edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS)
+                offsets, mask = edge_tile(
+                    edge_n, n_hi, channels, start, S, channel_size, stride_xn, stride_xc, VEC, EDGE_ROWS
+                )
                 r_pointers = offsets  # unused without a residual
                 if residual_ptr is not None:
                     r_pointers = residual_ptr + offsets

@@ -222,22 +222,19 @@ def interior_offsets(offsets, start, stride_s, VEC: tl.constexpr):
 
 
 @triton.jit
-def edge_positions(start, interior, channel_size, EDGE_BLOCK: tl.constexpr):
-    """Edges mode: ``(positions, valid)`` ``[1, EDGE_BLOCK]`` of the elements of a row outside its
-    aligned interior ``[start, start + interior)``: the ``start`` before it, then the rest after
-    it (``channel_size - interior`` in all, fewer than ``EDGE_BLOCK``). ``start`` is ``[1]``."""
-    slot = tl.arange(0, EDGE_BLOCK)[None, :]
+def edge_tile(
+    n0, n_hi, channel, start, interior, channel_size, stride_n, stride_c, VEC: tl.constexpr,
+    EDGE_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Edges mode: int64 element offsets ``[EDGE_ROWS, 2 x VEC]`` and mask of the elements of
+    samples ``n0 ..`` (up to ``n_hi``) of ``channel`` (``[1]``, unit position stride) outside
+    their rows' aligned interior ``[start, start + interior)``: the ``start`` before it, then the
+    rest after it (``channel_size - interior`` in all, fewer than ``2 x VEC``)."""
+    slot = tl.arange(0, 2 * VEC)[None, :]
     positions = tl.where(slot < start[:, None], slot, slot + interior)
-    return positions, slot < channel_size - interior
-
-
-@triton.jit
-def edge_rows(n0, n_hi, channel, positions, valid, stride_n, stride_c, EDGE_ROWS: tl.constexpr):
-    """Edges mode: int64 element offsets ``[EDGE_ROWS, EDGE_BLOCK]`` of the edge elements of
-    samples ``n0 ..`` of ``channel`` (unit position stride), and their mask."""
     rows = n0 + tl.arange(0, EDGE_ROWS)[:, None]
     offsets = rows.to(tl.int64) * stride_n + channel.to(tl.int64) * stride_c + positions
-    return offsets, (rows < n_hi) & valid
+    return offsets, (rows < n_hi) & (slot < channel_size - interior)
 
 
 @triton.jit
@@ -309,12 +306,10 @@ def run_channel_block(C, RUN_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def lane_visits(lane_n, lane_s, n_lo, n_hi, s_lo, s_hi, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """``[BLOCK_M]``: the steps of the walk over ``[n_lo, n_hi) x [s_lo, s_hi)`` in which each lane
-    is inside the rectangle (the elements it adds up)."""
-    rows = tl.maximum(tl.cdiv(n_hi - n_lo - lane_n, BLOCK_N), 0)
-    positions = tl.maximum(tl.cdiv(s_hi - s_lo - lane_s, BLOCK_S), 0)
-    return rows * positions
+def position_visits(s_lo, s_hi, BLOCK_S: tl.constexpr):
+    """``[BLOCK_S]``: the steps along S of the walk over ``[s_lo, s_hi)`` in which each position
+    of a step is inside it (a row of the walk adds that many of its elements there)."""
+    return tl.maximum(tl.cdiv(s_hi - s_lo - tl.arange(0, BLOCK_S), BLOCK_S), 0)
 
 
 @triton.jit

@@ -46,15 +46,14 @@ import triton.language as tl
 
 from .indexing import (
     advance,
-    edge_positions,
-    edge_rows,
     edge_start,
+    edge_tile,
     interior_offsets,
     lane_offsets,
-    lane_visits,
     lanes,
     parking_offsets,
     per_lane,
+    position_visits,
     run_channel_block,
     run_channel_sums,
     run_tile,
@@ -214,19 +213,16 @@ def _partial_stats_kernel(
         ROWS: tl.constexpr = BLOCK_N // FOLD
         position_sum = tl.sum(tl.reshape(acc_sum.to(tl.float64), [BLOCK_C, ROWS, BLOCK_S]), axis=1)
         position_sumsq = tl.sum(tl.reshape(acc_sumsq.to(tl.float64), [BLOCK_C, ROWS, BLOCK_S]), axis=1)
-        position_visits = lane_visits(0, tl.arange(0, BLOCK_S), 0, 1, s_lo, s_hi, 1, BLOCK_S) * (n_hi - n_lo)
-        visits = position_visits.to(tl.float64)[None, :]
+        visits = (position_visits(s_lo, s_hi, BLOCK_S) * (n_hi - n_lo)).to(tl.float64)[None, :]
         shift = per_lane(run_pilot, BLOCK_S).to(tl.float64) - pilot.to(tl.float64)[:, None]
         shifted_sum = tl.sum(position_sum + visits * shift, axis=1)
         shifted_sumsq = tl.sum(position_sumsq + shift * (2.0 * position_sum + visits * shift), axis=1)
     if EDGES:
         if s_lo == 0:  # the split holding the rows' first positions also takes their edge elements
-            EDGE_BLOCK: tl.constexpr = 2 * VEC
-            EDGE_ROWS: tl.constexpr = 256 // EDGE_BLOCK
-            positions, valid = edge_positions(start, S, channel_size, EDGE_BLOCK)
+            EDGE_ROWS: tl.constexpr = 128 // VEC  # tiles of [EDGE_ROWS, 2 x VEC] elements
             for edge_n in range(n_lo, n_hi, EDGE_ROWS):
-                edge_offsets, mask = edge_rows(
-                    edge_n, n_hi, channels, positions, valid, stride_xn, stride_xc, EDGE_ROWS
+                edge_offsets, mask = edge_tile(
+                    edge_n, n_hi, channels, start, S, channel_size, stride_xn, stride_xc, VEC, EDGE_ROWS
                 )
                 x = tl.load(x_ptr + edge_offsets, mask=mask, other=0.0)
                 shifted = tl.where(mask, widen(x, ACC_DTYPE) - pilot[:, None], 0.0).to(tl.float64)
@@ -254,6 +250,15 @@ def _finish(
         )  # fmt: skip
         if done:
             _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, shifted_sumsq, pilot)
+
+
+@triton.jit
+def _run_statistics_step(rows, offsets, mask, acc_sum, acc_sumsq, pilot, ACC_DTYPE: tl.constexpr):
+    """Add one tile of a channel run (``_run_stats_kernel``; ``mask``: its valid rows), shifted by
+    each position's pilot ``[1, BLOCK_S]``, to the per-lane sums; masked lanes add zero."""
+    x = tl.load(rows + offsets, mask=mask, other=0.0)
+    shifted = tl.where(mask, widen(x, ACC_DTYPE, True) - pilot, 0.0)
+    return acc_sum + shifted, acc_sumsq + shifted * shifted
 
 
 @triton.jit
@@ -299,26 +304,25 @@ def _run_stats_kernel(
     position_pilot = tl.gather(pilot, position_channel, 0)[None, :]
     rows = x_ptr + tl.multiple_of(start + n_lo.to(tl.int64) * stride_xn, VEC)
     row_step = BLOCK_N * stride_xn.to(tl.int64)
-
     slice_step = SLICE * stride_xn.to(tl.int64)
 
     acc_sum = tl.zeros([SLICE, BLOCK_S], dtype=ACC_DTYPE)
     acc_sumsq = tl.zeros([SLICE, BLOCK_S], dtype=ACC_DTYPE)
     whole_steps = tl.maximum(n_hi - n_lo, 0) // BLOCK_N
+    whole = tl.full([1, 1], 1, tl.int1)  # a whole step's mask: constant, folded away
     for _ in tl.range(0, whole_steps, num_stages=NUM_STAGES):
         for part in tl.static_range(FOLD):
-            shifted = widen(tl.load(rows + part * slice_step + offsets), ACC_DTYPE, True) - position_pilot
-            acc_sum += shifted
-            acc_sumsq += shifted * shifted
+            acc_sum, acc_sumsq = _run_statistics_step(
+                rows + part * slice_step, offsets, whole, acc_sum, acc_sumsq, position_pilot, ACC_DTYPE
+            )
         rows += row_step
     rows_left = n_hi - n_lo - whole_steps * BLOCK_N
     for part in tl.static_range(FOLD):  # the split's last rows: a masked step, its slices that hold any
         if part * SLICE < rows_left:
-            mask = (lane_n + part * SLICE < rows_left)[:, None]
-            x = tl.load(rows + part * slice_step + offsets, mask=mask, other=0.0)
-            shifted = tl.where(mask, widen(x, ACC_DTYPE, True) - position_pilot, 0.0)
-            acc_sum += shifted
-            acc_sumsq += shifted * shifted
+            acc_sum, acc_sumsq = _run_statistics_step(
+                rows + part * slice_step, offsets, (lane_n + part * SLICE < rows_left)[:, None], acc_sum,
+                acc_sumsq, position_pilot, ACC_DTYPE,
+            )  # fmt: skip
 
     shifted_sum, shifted_sumsq = run_channel_sums(acc_sum, acc_sumsq, S, BLOCK_C)
     count = (tl.zeros([BLOCK_C], dtype=tl.float64) + N) * S
