@@ -337,28 +337,27 @@ def channel_run_tiling(
     block_n = min(fold * tile // block, _next_power_of_2(max(batch, 1)))
     runs = _cdiv(channels, run)
     steps = _cdiv(max(batch, 1), block_n)
-    if reduction:
-        chunk_n = _run_reduction_chunk(max(batch, 1), runs, programs, RUN_REDUCTION_STEPS * block_n)
+    small = one_wave and _cdiv(steps, _ELEMENTWISE_STEPS) <= _cdiv(programs, runs)  # one wave, in samples
+    if reduction or small:
+        longest = RUN_REDUCTION_STEPS * block_n if reduction else max(batch, 1)
+        chunk_n = _sample_chunk(max(batch, 1), runs, programs, longest)
         splits = _cdiv(max(batch, 1), chunk_n)
-        if splits > MAX_SPLITS:
+        if splits > MAX_SPLITS:  # (reductions only: a small tensor's splits are at most its programs)
             return None  # a batch this deep keeps the per-channel walk, whose sums flush as they go
-        return Tiling(_next_power_of_2(run), block_n, block, chunk_n, block, splits, 1, run_channels=run)
-    if one_wave and _cdiv(steps, _ELEMENTWISE_STEPS) <= _cdiv(programs, runs):  # small: one wave, in samples
-        chunk_n = _run_reduction_chunk(max(batch, 1), runs, programs, max(batch, 1))
-        splits = _cdiv(max(batch, 1), chunk_n)
         return Tiling(_next_power_of_2(run), block_n, block, chunk_n, block, splits, 1, run_channels=run)
     wanted = max(_cdiv(programs, runs), _cdiv(steps, _ELEMENTWISE_STEPS))
     tiling = _with_splits((batch, runs, block), _next_power_of_2(run), block_n, block, wanted, 2**30)
     return replace(tiling, run_channels=run)
 
 
-def _run_reduction_chunk(batch: int, runs: int, programs: int, longest: int) -> int:
-    """Samples per split of a channel-run reduction: at most ``longest``, and otherwise the
-    fewest splits that give at least ``programs`` x 4/5 programs in all (one wave of
-    PROGRAMS_PER_SM per SM). Splits need not be whole steps (the kernels mask a split's last
-    rows), so the count is not rounded to the step: S1 fp32, 103 runs of 32 samples, gets 6
-    splits of 6 samples (618 programs, one wave on an H200), where whole 2-sample steps gave 5
-    or 7 splits (515 programs: under 4 per SM; 721: a last wave of 61)."""
+def _sample_chunk(batch: int, runs: int, programs: int, longest: int) -> int:
+    """Samples per split of a channel-run walk split in samples (the reductions; normalize on a
+    small tensor): at most ``longest``, and otherwise the fewest splits that give at least
+    ``programs`` x 4/5 programs in all (one wave of PROGRAMS_PER_SM per SM). Splits need not be
+    whole steps (the kernels mask a split's last rows), so the count is not rounded to the step:
+    S1 fp32, 103 runs of 32 samples, gets 6 splits of 6 samples (618 programs, one wave on an
+    H200), where whole 2-sample steps gave 5 or 7 splits (515 programs: under 4 per SM; 721: a
+    last wave of 61)."""
     target = programs * RUN_REDUCTION_PROGRAMS_PER_SM // PROGRAMS_PER_SM
     wanted = max(min(_cdiv(target, runs), batch), _cdiv(batch, longest))
     candidates = [chunk for chunk in {max(batch // wanted, 1), _cdiv(batch, wanted)} if chunk <= longest]
@@ -868,9 +867,12 @@ def backward_reduce(
     programs = _programs(dispatch, x.device)
     runs = channel_run_tiling(x, programs, grad_out, residual, reduction=True) if tiling is None else None
     interior = interior_length(x, grad_out, residual) if tiling is None and runs is None else None
-    if interior is not None:  # edges mode: blocks and splits of the rows' aligned interiors
+    if runs is not None:
+        tiling = runs
+    elif interior is not None:  # edges mode: blocks and splits of the rows' aligned interiors
         tiling = replace(choose_tiling(_interior_view(x, interior), programs), interior=interior)
-    tiling = runs or (tiling.refit(x) if tiling else choose_tiling(x, programs))
+    else:
+        tiling = tiling.refit(x) if tiling else choose_tiling(x, programs)
     acc_dtype = accumulation_dtype(x.dtype)
     sums = torch.empty(2, channels, dtype=acc_dtype, device=x.device)
     grad_weight = None if weight_grad_dtype is None else torch.empty(channels, dtype=weight_grad_dtype, device=x.device)
