@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,11 @@ def _access_bytes(opcode: str) -> int:
     return 4
 
 
+def _load_bytes(opcodes: Iterable[str]) -> int:
+    """Bytes per thread the global loads among ``opcodes`` read."""
+    return sum(_access_bytes(op) for op in opcodes if _is_global_load(op))
+
+
 def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
     """Parse the SASS of one kernel: main loop, its bytes, registers (see module docstring)."""
     instructions: list[tuple[str, str]] = []  # (opcode, operands)
@@ -201,7 +207,7 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
             loops.append(body)
     # the main loop: the innermost loop that loads the most bytes per iteration, not a kernel's
     # short epilogue loops (edges mode's, after the main loop)
-    body = max(loops, key=lambda loop: sum(_access_bytes(op) for op, _ in loop if _is_global_load(op))) if loops else []
+    body = max(loops, key=lambda loop: _load_bytes(op for op, _ in loop)) if loops else []
     opcodes = [op for op, _ in body]
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
@@ -210,7 +216,7 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         shared=shared,
         num_warps=num_warps,
         loop_instructions=len(body),
-        loop_load_bytes=sum(_access_bytes(op) for op in opcodes if _is_global_load(op)),
+        loop_load_bytes=_load_bytes(opcodes),
         loop_store_bytes=sum(_access_bytes(op) for op in opcodes if op.startswith("STG")),
         integer_division=any(op.startswith("I2F") and "RP" in op for op in opcodes)
         and any(op.startswith("MUFU.RCP") for op in opcodes),
