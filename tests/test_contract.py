@@ -23,7 +23,7 @@ from triton_syncbn.contract import (
     SavedStatistics,
 )
 
-STAGES = ("partial_stats", "normalize", "backward_reduce", "backward_dx")
+STAGES = ("partial_stats", "normalize", "backward_reduce", "backward_dx", "derivative_from_output")
 
 
 def _protocol_parameters(stage: str) -> list[inspect.Parameter]:

@@ -303,3 +303,36 @@ def test_one_value_per_channel_in_one_process_changes_nothing(activation: str | 
         module(torch.randn(1, 3))
     for name, value in module.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_low_precision_activation_mask_is_exact(dtype: torch.dtype, activation: str) -> None:
+    """bf16/fp16 relu(bn(x) + residual): backward takes the activation's derivative from the saved
+    output, so the output must be positive exactly where the pre-activation is. Rounding bn(x)
+    before the residual is added (torch's BN + add + ReLU) flips that sign for ~0.2% of the
+    elements, every one a full dy of error in the gradients; the forward rounds z once, from
+    float32. Checked against z in float64 from the same statistics (up to float32 rounding of z),
+    and the bias gradient (a sum of dy over the mask) against float64."""
+    generator = torch.Generator().manual_seed(5)
+    shape = (16, 32, 28, 28)
+    x, residual, dy = (torch.randn(shape, generator=generator).to(dtype) for _ in range(3))
+    layer = SyncBatchNorm(32, activation=activation, negative_slope=0.1)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0, generator=generator)
+        layer.bias.uniform_(-0.5, 0.5, generator=generator)
+    leaf = x.clone().requires_grad_(True)
+    output = layer(leaf, residual)
+    output.backward(dy)
+    exact = x.double().requires_grad_(True)
+    weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
+    z = F.batch_norm(exact, None, None, weight, bias, True) + residual.double()
+    near_zero = z.abs() < 1e-5 * (z - residual.double()).abs().clamp(min=1.0)
+    flipped = ((output > 0) != (z > 0)) & ~near_zero
+    assert int(flipped.sum()) == 0, f"{int(flipped.sum())} of {z.numel()} outputs have the wrong sign"
+    activated = F.relu(z) if activation == "relu" else F.leaky_relu(z, 0.1)
+    activated.backward(dy.double())
+    expected_bias_grad = (dy.double() * (z > 0)).sum((0, 2, 3)) if activation == "relu" else None
+    if expected_bias_grad is not None:
+        assert relative_l2_error(layer.bias.grad, expected_bias_grad) < 1e-4
+    assert relative_l2_error(leaf.grad, exact.grad) < (2e-2 if dtype == torch.bfloat16 else 4e-3)

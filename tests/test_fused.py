@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from triton_syncbn import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
+from triton_syncbn import SyncBatchNorm, convert_sync_batchnorm, launchers, sync_batch_norm, torch_path
+from triton_syncbn.contract import Epilogue
+from triton_syncbn.kernels.activation import ACTIVATION_CODES
 
 
 def conv_norm_activation(channels_in: int, channels_out: int, activation: nn.Module) -> nn.Sequential:
@@ -111,15 +113,18 @@ def saved_bytes(step) -> tuple[int, int]:
     return total, new
 
 
-@pytest.mark.parametrize("with_residual", [False, True], ids=["bn-relu", "bn-add-relu"])
-def test_fused_layer_saves_less_for_backward_than_bn_plus_relu(with_residual: bool) -> None:
-    """relu(bn(x) [+ identity]): ours keeps x, a few [C] vectors and a reference to the residual
-    (a tensor that exists anyway); BatchNorm2d + add + ReLU also keeps the ReLU's output, a new
-    tensor the size of x."""
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["bn-act", "bn-add-act"])
+def test_fused_layer_saves_no_more_for_backward_than_bn_plus_activation(with_residual: bool, activation: str) -> None:
+    """act(bn(x) [+ identity]): ours keeps x, a few [C] vectors and a reference to the residual
+    (a tensor that exists anyway); BatchNorm2d + add + act also keeps the activation's input or
+    output, a new tensor the size of x. On the CPU path a ReLU's derivative comes from the output,
+    which ours then keeps too, as torch's ReLU does (the Triton kernels recompute it: never)."""
     x = torch.randn(8, 16, 12, 12, requires_grad=True)
     identity = torch.randn(8, 16, 12, 12, requires_grad=True) if with_residual else None
-    fused = SyncBatchNorm(16, activation="relu")
+    fused = SyncBatchNorm(16, activation=activation)
     separate = nn.BatchNorm2d(16)
+    act = getattr(torch, activation) if activation == "relu" else nn.functional.silu
     inputs = [x] + ([identity] if with_residual else [])
 
     def run_fused(register) -> None:
@@ -129,13 +134,33 @@ def test_fused_layer_saves_less_for_backward_than_bn_plus_relu(with_residual: bo
     def run_separate(register) -> None:
         register(*inputs, *separate.parameters())
         normalized = separate(x)
-        torch.relu(normalized + identity if with_residual else normalized)
+        act(normalized + identity if with_residual else normalized)
 
     ours_total, ours_new = saved_bytes(run_fused)
     theirs_total, theirs_new = saved_bytes(run_separate)
     activation_bytes = x.numel() * x.element_size()
-    # per-channel vectors only: mean, invstd (fp32) and the packed float64 statistics holding the count
-    assert ours_new <= (2 * 4 + 3 * 8) * 16
-    assert theirs_new >= activation_bytes  # the ReLU's output
-    if not with_residual:
-        assert ours_total <= theirs_total - activation_bytes + (2 * 4 + 3 * 8) * 16
+    # per-channel vectors: mean, invstd (fp32) and the packed float64 statistics holding the count
+    per_channel = (2 * 4 + 3 * 8) * 16
+    output_saved = activation == "relu"
+    assert launchers.derivative_from_output(Epilogue(None, ACTIVATION_CODES[activation])) is False
+    assert torch_path.derivative_from_output(Epilogue(None, ACTIVATION_CODES[activation])) is output_saved
+    assert ours_new <= per_channel + (activation_bytes if output_saved else 0)
+    assert theirs_new >= activation_bytes  # the activation's input or output
+    assert ours_new <= theirs_new + per_channel  # new memory: no more than theirs (the residual exists anyway)
+    if not with_residual and not output_saved:
+        assert ours_total <= theirs_total - activation_bytes + per_channel
+
+
+def test_output_modified_in_place_before_backward_is_an_error_where_saved() -> None:
+    """On the CPU path a fused ReLU saves its output, as ``torch.relu`` does: changing the output in
+    place before backward raises autograd's error (a wrong gradient would be silent). SiLU saves
+    no output, so the same change is allowed there."""
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    output = SyncBatchNorm(3, activation="relu")(x)
+    output.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+    output = SyncBatchNorm(3, activation="silu")(x)
+    output.mul_(2.0)
+    output.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

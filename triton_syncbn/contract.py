@@ -27,11 +27,15 @@ class Epilogue:
 
     ``residual`` has the input's shape (any memory format) or is None; ``activation`` is a code
     of ``kernels.activation.ACTIVATION_CODES``; ``negative_slope`` is leaky_relu's slope.
+    ``output`` (backward only): the forward's output, where the backend takes the activation's
+    derivative from it (``KernelBackend.derivative_from_output``); None: backward recomputes the
+    activation's input from x and the residual.
     """
 
     residual: torch.Tensor | None = None
     activation: int = IDENTITY
     negative_slope: float = 0.0
+    output: torch.Tensor | None = None
 
     @property
     def fused_activation(self) -> bool:
@@ -213,7 +217,8 @@ BACKWARD_FIELDS = (
 @runtime_checkable
 class KernelBackend(Protocol):
     """The four stages every kernel backend implements (``launchers``: Triton kernels;
-    ``torch_path``: ATen ops on CPU), on ``[N, C, S]`` views (``layout.channel_view``).
+    ``torch_path``: ATen ops on CPU), on ``[N, C, S]`` views (``layout.channel_view``), and
+    whether its backward wants the forward's output.
 
     A backend may take keyword-only options after these (the launchers' ``tiling`` and
     ``dispatch``); ``tests/test_contract.py`` checks that both modules match this signature.
@@ -267,4 +272,11 @@ class KernelBackend(Protocol):
         grad_residual: torch.Tensor | None = None,
     ) -> None:
         """Write the input gradient into ``out`` (and the residual's into ``grad_residual``)."""
+        ...
+
+    def derivative_from_output(self, epilogue: Epilogue) -> bool:
+        """Whether backward takes the activation's derivative from the forward's output
+        (``Epilogue.output``, which the autograd Function then saves) instead of recomputing the
+        activation's input. A backend that says so must write an output whose activation
+        derivative is exactly the one at the forward's pre-activation."""
         ...

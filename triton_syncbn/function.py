@@ -27,16 +27,19 @@ def _is_batched(tensor: torch.Tensor) -> bool:
 
 def _save(ctx: Any, call: ForwardCall, output: tuple[torch.Tensor, ...]) -> None:
     """What backward and jvp need, saved on ``ctx`` (shared by every Function below)."""
-    _, mean, invstd, count = output
+    result, mean, invstd, count = output
     ctx.mark_non_differentiable(mean, invstd, count)
     # Backward recomputes the activation's input from x and the statistics; it needs the
-    # residual only then. Nothing the size of the output is saved (weight and bias are
-    # parameters: saving them costs no memory).
+    # residual only then (weight and bias are parameters: saving them costs no memory). The
+    # output itself is saved only where the backend takes the activation's derivative from it
+    # (the CPU path's ReLU and leaky ReLU, as torch's ReLU saves its output); the Triton kernels
+    # recompute, and under torch.compile the backward op recomputes.
     epilogue = call.epilogue
     residual = epilogue.residual if epilogue.fused_activation else None
+    saves_output = not torch.compiler.is_compiling() and stages.saves_output(call)
     saved = (call.input, call.weight, call.bias, residual, mean, invstd, count)
-    ctx.save_for_backward(*saved)
-    ctx.save_for_forward(*saved)
+    ctx.save_for_backward(*saved, result if saves_output else None)
+    ctx.save_for_forward(*saved, None)
     ctx.epilogue = Epilogue(None, epilogue.activation, epilogue.negative_slope)  # the residual is saved
     ctx.group_name = call.group_name
     ctx.eps = call.eps
@@ -73,8 +76,8 @@ def _jvp(ctx: Any, tangents: tuple[torch.Tensor | None, ...]) -> tuple[torch.Ten
 
 def _saved(ctx: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Epilogue, SavedStatistics]:
     """What ``setup_context`` saved: ``(input, weight, bias, epilogue, statistics)``."""
-    input, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
-    epilogue = Epilogue(residual, ctx.epilogue.activation, ctx.epilogue.negative_slope)
+    input, weight, bias, residual, mean, invstd, count, output = ctx.saved_tensors
+    epilogue = Epilogue(residual, ctx.epilogue.activation, ctx.epilogue.negative_slope, output)
     return input, weight, bias, epilogue, SavedStatistics(mean, invstd, count)
 
 

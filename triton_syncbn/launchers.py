@@ -955,3 +955,10 @@ def backward_dx(
              INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=stages,
              **_runs(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
+
+
+def derivative_from_output(epilogue: Epilogue) -> bool:
+    """``contract.KernelBackend.derivative_from_output``: never. The kernels recompute the
+    activation's input from x and the residual in registers, reading the residual where they would
+    read the output (the same bytes), so the Function saves nothing the output's size."""
+    return False

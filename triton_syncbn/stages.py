@@ -45,7 +45,7 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ops = kernel_backend(input)
     x = channel_view(input)
     output, output_view = empty_output_like(input)
-    epilogue = _with_residual_view(call.epilogue)
+    epilogue = _channel_views(call.epilogue)
     if not call.use_batch_stats:
         mean, invstd = ops.normalize(x, output_view, call.weight, call.bias, None, running, call.eps, epilogue)
         return output, mean, invstd, torch.empty(0, dtype=torch.float64, device=input.device)
@@ -73,11 +73,22 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return output, mean, invstd, stats[0]
 
 
-def _with_residual_view(epilogue: Epilogue) -> Epilogue:
-    """The epilogue as the backends take it: the residual viewed as ``[N, C, S]``."""
-    if epilogue.residual is None:
+def saves_output(call: ForwardCall) -> bool:
+    """Whether backward takes the fused activation's derivative from this forward's output
+    (``contract.KernelBackend.derivative_from_output``): the autograd Function saves it then."""
+    return call.epilogue.fused_activation and kernel_backend(call.input).derivative_from_output(call.epilogue)
+
+
+def _channel_views(epilogue: Epilogue) -> Epilogue:
+    """The epilogue as the backends take it: the residual (and a saved output) viewed as ``[N, C, S]``."""
+    if epilogue.residual is None and epilogue.output is None:
         return epilogue
-    return replace(epilogue, residual=channel_view(epilogue.residual))
+    residual, output = (epilogue.residual, epilogue.output)
+    return replace(
+        epilogue,
+        residual=None if residual is None else channel_view(residual),
+        output=None if output is None else channel_view(output),
+    )
 
 
 def _raise_if_not_finite(stats: torch.Tensor, local_stats: torch.Tensor, shape: torch.Size) -> None:
@@ -119,7 +130,7 @@ def backward(call: BackwardCall) -> tuple[torch.Tensor | None, ...]:
     ops = kernel_backend(call.input)
     x = channel_view(call.input)
     grad_out = channel_view(call.grad_output)
-    views = _with_residual_view(epilogue)
+    views = _channel_views(epilogue)
     grad_input = grad_residual = grad_weight = grad_bias = sums = None
     group = group_from_name(call.group_name)
     if group is None and ops is torch_path and torch_path.unsynchronized_backward_serves(x, saved):

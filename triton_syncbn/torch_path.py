@@ -122,14 +122,39 @@ def _activation_(z: torch.Tensor, activation: int, negative_slope: float) -> Non
 
 def _activation_backward_(z: torch.Tensor, grad: torch.Tensor, activation: int, negative_slope: float) -> None:
     """``z = grad * act'(z)`` in place (``z`` holds the pre-activation and is overwritten)."""
+    _activation_backward_into(z, grad, z, activation, negative_slope, source_is_output=False)
+
+
+def _activation_backward_into(
+    into: torch.Tensor,
+    grad: torch.Tensor,
+    source: torch.Tensor,
+    activation: int,
+    negative_slope: float,
+    source_is_output: bool,
+) -> None:
+    """``into = grad * act'(z)`` from ``source``: z itself, or (``source_is_output``, ReLU and
+    leaky ReLU with a non-negative slope only) the forward's output ``act(z)``, which is positive
+    exactly where z is."""
     if activation == ACTIVATION_CODES["relu"]:
-        _aten.threshold_backward.grad_input(grad, z, 0.0, grad_input=z)
+        _aten.threshold_backward.grad_input(grad, source, 0.0, grad_input=into)
     elif activation == ACTIVATION_CODES["leaky_relu"]:
-        _aten.leaky_relu_backward.grad_input(grad, z, negative_slope, False, grad_input=z)
-    elif activation == ACTIVATION_CODES["silu"]:
-        _aten.silu_backward.grad_input(grad, z, grad_input=z)
+        _aten.leaky_relu_backward.grad_input(grad, source, negative_slope, source_is_output, grad_input=into)
+    elif activation == ACTIVATION_CODES["silu"] and not source_is_output:
+        _aten.silu_backward.grad_input(grad, source, grad_input=into)
     else:
-        raise ValueError(f"no activation backward for code {activation}")
+        raise ValueError(f"no activation backward for code {activation} from {'output' if source_is_output else 'z'}")
+
+
+def derivative_from_output(epilogue: Epilogue) -> bool:
+    """``contract.KernelBackend.derivative_from_output``: for ReLU and leaky ReLU with a
+    non-negative slope, whose output is positive exactly where their input is. Backward then makes
+    ``dy * act'(z)`` in one pass over (dy, output) in the input's dtype, as torch's ReLU does, instead
+    of recomputing z (for bf16/fp16 in float32 slices, ~2x torch's whole BatchNorm backward). The
+    forward computes z for these in float32 and rounds the output once (``_output_into``), so the
+    output's sign is the float32 z's, the one a recomputation would find."""
+    relu, leaky_relu = ACTIVATION_CODES["relu"], ACTIVATION_CODES["leaky_relu"]
+    return epilogue.activation == relu or (epilogue.activation == leaky_relu and epilogue.negative_slope >= 0.0)
 
 
 def _pre_activation_into(
@@ -243,9 +268,41 @@ def normalize(
         mean = running.mean.to(acc_dtype, copy=True)  # an output must not alias the buffer
         invstd = torch.rsqrt(running.var.to(acc_dtype) + eps)
     if x.numel() > 0:
-        _pre_activation_into(out, x, mean, invstd, weight, bias, epilogue.residual)
-        _activation_(out, epilogue.activation, epilogue.negative_slope)
+        _output_into(out, x, mean, invstd, weight, bias, epilogue)
     return mean, invstd
+
+
+def _output_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    epilogue: Epilogue,
+) -> None:
+    """``out = act((x - mean) * invstd * weight + bias + residual)`` ``[N, C, S]``.
+
+    In x's dtype, one pass per step (as torch's BN + add + act), except where backward takes the
+    activation's derivative from this output on bf16/fp16 input: z is then computed in float32 a
+    slice at a time, exactly as backward recomputes it elsewhere (``_activation_grad_slices``),
+    and rounded once. Rounding ``bn(x)`` to bf16 before the residual is added would flip the sign
+    of z wherever it is within rounding of 0 (~0.2% of elements at unit scale), and a ReLU mask
+    taken from such an output is off by ~3% in every gradient against float64.
+    """
+    residual = epilogue.residual
+    if not (derivative_from_output(epilogue) and accumulation_dtype(x.dtype) != x.dtype):
+        _pre_activation_into(out, x, mean, invstd, weight, bias, residual)
+        _activation_(out, epilogue.activation, epilogue.negative_slope)
+        return
+    slices = _slices(x)
+    buffers = _SliceBuffers(x, slices, mean.dtype, count=1)
+    for rows in slices:
+        (z,) = buffers.views(x[rows])
+        z.copy_(x[rows])
+        _pre_activation_into(z, z, mean, invstd, weight, bias, None if residual is None else residual[rows])
+        _activation_(z, epilogue.activation, epilogue.negative_slope)
+        out[rows].copy_(z)
 
 
 def unsynchronized_forward_serves(x: torch.Tensor, running: RunningStats | None) -> bool:
@@ -284,16 +341,43 @@ def unsynchronized_forward(
         running_mean = running_var = x.new_zeros(channels, dtype=acc_dtype)
     mean, var = torch.batch_norm_update_stats(_four_d(x), running_mean, running_var, factor)
     invstd = var.add_(eps).rsqrt_()
-    _pre_activation_into(out, x, mean, invstd, weight, bias, epilogue.residual)
-    _activation_(out, epilogue.activation, epilogue.negative_slope)
+    _output_into(out, x, mean, invstd, weight, bias, epilogue)
     return mean, invstd, torch.full((channels,), float(count), dtype=torch.float64, device=x.device)
 
 
 def _sliced_activation(x: torch.Tensor, epilogue: Epilogue) -> bool:
-    """A fused activation on bf16/fp16 input: its backward recomputes z in float32, a slice at a
-    time (float32/float64 input recomputes it whole, into one buffer of the input's dtype: a
-    slice at a time cost 10-50% more there, in ATen calls, on every CPU shape measured)."""
-    return epilogue.activation != ACTIVATION_CODES["identity"] and accumulation_dtype(x.dtype) != x.dtype
+    """A fused activation on bf16/fp16 input whose derivative is not taken from the saved output:
+    its backward recomputes z in float32, a slice at a time (float32/float64 input recomputes it
+    whole, into one buffer of the input's dtype: a slice at a time cost 10-50% more there, in ATen
+    calls, on every CPU shape measured)."""
+    return (
+        epilogue.activation != ACTIVATION_CODES["identity"]
+        and epilogue.output is None
+        and accumulation_dtype(x.dtype) != x.dtype
+    )
+
+
+def _low_precision_from_output(x: torch.Tensor, epilogue: Epilogue) -> bool:
+    """A fused activation on bf16/fp16 input whose derivative comes from the saved output: the
+    two-stage backward makes ``dy * act'(z)`` a slice at a time (``_output_grad_slices``), so no
+    temporary is the tensor's size."""
+    return epilogue.output is not None and accumulation_dtype(x.dtype) != x.dtype
+
+
+def _output_grad_slices(
+    grad_out: torch.Tensor, x: torch.Tensor, epilogue: Epilogue, into: torch.Tensor | None = None
+) -> Iterator[tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]]:
+    """``(rows, dy * act'(z), x[rows])`` of ``[N, C, S]`` views a slice at a time, in x's dtype,
+    from the saved output: written into ``into[rows]`` when given (the residual's gradient), else
+    into one slice buffer reused for every slice. For ReLU the values are exact (dy or 0)."""
+    slices = _slices(x)
+    buffers = None if into is not None else _SliceBuffers(x, slices, x.dtype, count=1)
+    for rows in slices:
+        grad = into[rows] if buffers is None else buffers.views(x[rows])[0]
+        _activation_backward_into(
+            grad, grad_out[rows], epilogue.output[rows], epilogue.activation, epilogue.negative_slope, True
+        )
+        yield rows, grad, x[rows]
 
 
 def _grad_before_activation(
@@ -306,13 +390,16 @@ def _grad_before_activation(
     epilogue: Epilogue,
     buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_out * act'(z)`` ``[N, C, S]`` for input in its accumulation dtype (float32/64), z
-    recomputed into ``buffer`` (used when laid out like x, else a new one). Identity: ``grad_out``
-    itself, no pass."""
+    """``grad_out * act'(z)`` ``[N, C, S]`` into ``buffer`` (used when laid out like x, else a
+    new one): from the saved output in one pass (any dtype), else with z recomputed (input in its
+    accumulation dtype, float32/64). Identity: ``grad_out`` itself, no pass."""
     if epilogue.activation == ACTIVATION_CODES["identity"]:
         return grad_out
     if buffer is None or buffer.stride() != x.stride():
         buffer = torch.empty_like(x)
+    if epilogue.output is not None:
+        _activation_backward_into(buffer, grad_out, epilogue.output, epilogue.activation, epilogue.negative_slope, True)
+        return buffer
     _pre_activation_into(buffer, x, mean, invstd, weight, bias, epilogue.residual)
     _activation_backward_(buffer, grad_out, epilogue.activation, epilogue.negative_slope)
     return buffer
@@ -384,8 +471,9 @@ def _sliced_channel_sums(
     invstd: torch.Tensor,
     grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float64 ``[2, C]`` ``(sum(dy), sum(dy * xhat))`` over ``_activation_grad_slices``' float32
-    slices; each slice's ``dy`` is also rounded into ``grad[rows]`` when ``grad`` is given."""
+    """float64 ``[2, C]`` ``(sum(dy), sum(dy * xhat))`` over the slices of
+    ``_activation_grad_slices`` (float32) or ``_output_grad_slices`` (x's dtype); each slice's
+    ``dy`` is also rounded into ``grad[rows]`` when ``grad`` is given."""
     totals = torch.zeros(2, mean.shape[0], dtype=torch.float64, device=mean.device)
     for rows, dy, source in slices:
         sum_dy, sum_dy_xhat = _channel_sums(dy, source, mean, invstd)
@@ -420,6 +508,8 @@ def backward_reduce(
     elif _sliced_activation(x, epilogue):
         slices = _activation_grad_slices(grad_out, x, mean, invstd, weight, bias, epilogue)
         sums = _sliced_channel_sums(slices, mean, invstd).to(acc_dtype)
+    elif _low_precision_from_output(x, epilogue):
+        sums = _sliced_channel_sums(_output_grad_slices(grad_out, x, epilogue), mean, invstd).to(acc_dtype)
     else:
         dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue)
         sum_dy, sum_dy_xhat = _channel_sums(dy, x, mean, invstd)
@@ -459,11 +549,12 @@ def unsynchronized_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``backward_reduce`` and ``backward_dx`` in one ATen ``native_batch_norm_backward`` when the
     local batch is the global one (where ``unsynchronized_backward_serves``): ``dy * act'(z)``
-    (z recomputed as the forward did, written into ``grad_residual`` when given) and then the
-    input, weight and bias gradients in one call, as torch's BatchNorm backward: one pass over
-    (dy, x) for the sums and one for dx, instead of a reduce pass and two dx passes.
+    (from the saved output for ReLU and leaky ReLU, else with z recomputed as the forward did;
+    written into ``grad_residual`` when given) and then the input, weight and bias gradients in
+    one call, as torch's ReLU + BatchNorm backward: one pass over (dy, output), one over (dy, x)
+    for the sums and one for dx, instead of a reduce pass and two dx passes.
 
-    A fused activation on bf16/fp16 input computes ``dy * act'(z)`` from z in float32, a slice
+    SiLU on bf16/fp16 input computes ``dy * act'(z)`` from z in float32, a slice
     at a time, as the two-stage path does (z rounded to bf16 would flip ReLU masks wherever |z|
     is within rounding of 0: ~3% error in every gradient at 16 x 32 x 28 x 28), sums it in
     float32 for the weight and bias gradients, and rounds it once into a buffer of the input's
@@ -545,6 +636,12 @@ def backward_dx(
     if _sliced_activation(x, epilogue):
         _low_precision_activation_dx(grad_out, x, out, weight, bias, saved, sums, epilogue, grad_residual)
         return
+    scale, x_factor, shift = _input_grad_terms(weight, invstd, sums, count)
+    if _low_precision_from_output(x, epilogue) and grad_residual is None:
+        # dy * act'(z) a slice at a time (no residual gradient to hold it whole)
+        if out is not None:
+            _low_precision_dx(out, x, _output_grad_slices(grad_out, x, epilogue), mean, scale, x_factor, shift)
+        return
     # A fused activation's dy * act'(z) goes into the residual's gradient, which it is, when that
     # is wanted; else into a new buffer (``out`` is overwritten below while dy is still read).
     dy = _grad_before_activation(grad_out, x, mean, invstd, weight, bias, epilogue, buffer=grad_residual)
@@ -552,25 +649,42 @@ def backward_dx(
         grad_residual.copy_(dy)
     if out is None:
         return
-    scale, x_factor, shift = _input_grad_terms(weight, invstd, sums, count)
     if sums is None:
         _affine_into(out, dy, torch.zeros_like(scale), scale, None)
-        return
-    if out.dtype == scale.dtype:
+    elif out.dtype != scale.dtype:
+        _low_precision_dx(out, x, ((rows, dy[rows], x[rows]) for rows in _slices(x)), mean, scale, x_factor, shift)
+    else:
         _affine_into(out, x, mean, x_factor, shift)
         out.addcmul_(dy, scale.view(1, -1, 1))  # out += s * dy
+
+
+def _low_precision_dx(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    dy_slices: Iterator[tuple[tuple[slice, slice, slice], torch.Tensor, torch.Tensor]],
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    x_factor: torch.Tensor | None,
+    shift: torch.Tensor | None,
+) -> None:
+    """bf16/fp16 ``out = (x - mean) * x_factor + shift + scale * dy`` (``out = scale * dy`` when
+    ``x_factor`` is None: running statistics) over ``(rows, dy, x)`` slices of ``_slices(x)``.
+
+    The x term and ``s * dy`` cancel where dx is small, so they are summed in float32 and rounded
+    once, as torch's BatchNorm backward does (summing in bf16 cost several ulps of dx); a slice at
+    a time, so the float32 temporaries stay a fraction of the tensor.
+    """
+    if x_factor is None:
+        zeros = torch.zeros_like(scale)
+        for rows, dy_rows, _ in dy_slices:
+            _affine_into(out[rows], dy_rows, zeros, scale, None)
         return
-    # bf16/fp16: the x term and s * dy cancel where dx is small, so they are summed in float32 and
-    # rounded once, as torch's BatchNorm backward does (summing in bf16 cost several ulps of dx);
-    # a slice at a time, so the float32 temporaries stay a fraction of the tensor.
-    slices = _slices(x)
-    buffers = _SliceBuffers(x, slices, scale.dtype, count=2 if dy.dtype != scale.dtype else 1)
-    for rows in slices:
-        total, *dy_buffer = buffers.views(x[rows])
-        total.copy_(x[rows])  # ATen's transform keeps its input's dtype: float32, in place
+    buffers = _SliceBuffers(x, _slices(x), scale.dtype, count=2)
+    for rows, dy_rows, x_rows in dy_slices:
+        total, dy_buffer = buffers.views(x_rows)
+        total.copy_(x_rows)  # ATen's transform keeps its input's dtype: float32, in place
         _affine_into(total, total, mean, x_factor, shift)
-        dy_rows = dy[rows] if not dy_buffer else dy_buffer[0].copy_(dy[rows])
-        total.addcmul_(dy_rows, scale.view(1, -1, 1))
+        total.addcmul_(dy_rows if dy_rows.dtype == scale.dtype else dy_buffer.copy_(dy_rows), scale.view(1, -1, 1))
         out[rows].copy_(total)
 
 
