@@ -5,8 +5,11 @@
 - ``torch_sync``: torch's synchronized path, ``torch.nn.modules._functions.SyncBatchNorm``,
   called directly so that it synchronizes even in a one-rank group (the module itself falls
   back to ``F.batch_norm`` at world size 1). CUDA only: torch refuses CPU tensors there.
-- ``torch_bn``: plain ``torch.nn.functional.batch_norm`` (cuDNN or native kernels), no sync.
-- ``floor``: ``torch_bn`` on the local batch plus one all-reduce per direction of the payload
+- ``torch_bn``: torch's module, ``torch.nn.BatchNorm1d/2d/3d`` (cuDNN or native kernels), no
+  sync: the layer ours replaces, with its per-call cost (the counter, the input check), as ours
+  has its own.
+- ``floor``: ``torch.nn.functional.batch_norm`` on the local batch (no module around it) plus one
+  all-reduce per direction of the payload
   ours sends (float64 ``[3, C]`` forward, ``[2, C]`` in the statistics dtype backward): what a
   synchronized BatchNorm cannot beat with torch's kernels. Needs a process group.
 - ``fairscale``: ``fairscale.experimental.nn.SyncBatchNorm`` (pure torch, runs on gloo; two
@@ -128,11 +131,13 @@ def _layer(
         module.weight, module.bias = weight, bias  # the very tensors the benchmark differentiates
         return module
     if provider == "torch_bn":
-
-        def torch_bn(x: torch.Tensor) -> torch.Tensor:
-            return F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
-
-        return _unfused_epilogue(torch_bn, fused)
+        module_class = torch.nn.BatchNorm3d if len(case.dims) == 5 else (
+            torch.nn.BatchNorm2d if len(case.dims) == 4 else torch.nn.BatchNorm1d
+        )  # fmt: skip
+        module = module_class(case.dims[1], momentum=0.1, eps=1e-5, device=case.device)
+        module.weight, module.bias = weight, bias  # the very tensors the benchmark differentiates
+        module.running_mean, module.running_var = running_mean, running_var
+        return _unfused_epilogue(module, fused)
     if provider == "floor":
         acc_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
         payloads = (torch.zeros(3, case.dims[1], dtype=torch.float64), torch.zeros(2, case.dims[1], dtype=acc_dtype))
