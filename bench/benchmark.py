@@ -63,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--interpret", action="store_true", help="run our kernels in Triton's interpreter (tiny shapes)"
     )
     parser.add_argument("--budget-ms", type=float, default=200.0, help="timing budget per case (one rank)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per case with several ranks")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=40,
+        help="timed repetitions per case with several ranks (collectives jitter: on 2 shared CPU cores, 20 "
+        "repetitions left single ratios +-15-30%% apart between runs)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<cpu|gpu>)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument(
