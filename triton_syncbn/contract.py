@@ -165,7 +165,8 @@ class BackwardCall:
     ``bias``, its epilogue (the residual only when an activation is fused), its statistics, the
     group, and which gradients are needed. With no fused activation the residual's gradient is
     ``grad_output`` itself, left to the caller (``needs.residual`` must be False).
-    ``merge_tickets`` as in ``ForwardCall``."""
+    ``merge_tickets`` as in ``ForwardCall``. ``epilogue.output`` does not travel through
+    ``flat()``: the compiled backward op recomputes the activation's input instead."""
 
     grad_output: torch.Tensor
     input: torch.Tensor
