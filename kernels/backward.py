@@ -73,6 +73,22 @@ def _grad_before_activation(
 
 
 @triton.jit
+def _fold_into(acc, values, FOLD: tl.constexpr):
+    """``acc`` ``[BLOCK_C, BLOCK_M / FOLD]`` plus a step's ``values`` ``[BLOCK_C, BLOCK_M]``; with
+    ``FOLD = 2`` lanes ``l`` and ``l + BLOCK_M / 2`` (one thread's: the same position of another
+    row) add into one accumulator, one after the other: half the accumulator registers, the same
+    additions (as the statistics kernel's ``_accumulate``)."""
+    if FOLD == 1:
+        acc += values
+    else:
+        BLOCK_C: tl.constexpr = values.shape[0]
+        HALF: tl.constexpr = values.shape[1] // 2
+        first, second = tl.split(tl.permute(tl.reshape(values, [BLOCK_C, 2, HALF]), (0, 2, 1)))
+        acc = (acc + first) + second
+    return acc
+
+
+@triton.jit
 def _store_grad_sums(sums_ptr, grad_weight_ptr, grad_bias_ptr, channels, channel_mask, C, sum_dy, sum_dy_xmu, invstd):
     """Write ``sums_ptr[2, C]`` = (sum_dy, sum_dy_xhat) and, where given, the parameter grads, from
     float64 sums."""
@@ -131,6 +147,7 @@ def _backward_reduce_kernel(
     MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
     channel_size,  # positions per channel (with EDGES, S is the aligned interior's)
     EDGES: tl.constexpr,  # the loop walks each row's aligned interior, then the edges (launchers.interior_length)
+    FOLD: tl.constexpr,  # lanes l and l + BLOCK_N * BLOCK_S / 2 share an accumulator (2) or not (1)
 ):
     if SAME_STRIDES:
         stride_dyn, stride_dyc, stride_dys = stride_xn, stride_xc, stride_xs
@@ -157,11 +174,13 @@ def _backward_reduce_kernel(
     total_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float64)
     n0 = n_lo
     s0 = s_lo
-    for first in range(0, steps, FLUSH_STEPS):
-        acc_dy = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
-        acc_dy_xmu = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S], dtype=ACC_DTYPE)
+    # a lane sums at most FLUSH_STEPS values between folds into the float64 totals, folded or not
+    FLUSH: tl.constexpr = FLUSH_STEPS // FOLD
+    for first in range(0, steps, FLUSH):
+        acc_dy = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S // FOLD], dtype=ACC_DTYPE)
+        acc_dy_xmu = tl.zeros([BLOCK_C, BLOCK_N * BLOCK_S // FOLD], dtype=ACC_DTYPE)
         # NUM_STAGES > 1: the loads software-pipelined (see kernels/stats.py)
-        for _ in tl.range(first, tl.minimum(first + FLUSH_STEPS, steps), num_stages=NUM_STAGES):
+        for _ in tl.range(first, tl.minimum(first + FLUSH, steps), num_stages=NUM_STAGES):
             mask = step_mask(channel_mask, lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, CVEC)
             dy_pointers = step_pointers(dy_ptr, dy_offsets, n0, s0, stride_dyn, stride_dys, VEC, CVEC)
             x_pointers = step_pointers(x_ptr, x_offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
@@ -174,8 +193,9 @@ def _backward_reduce_kernel(
                 dy, x, mean[:, None], (invstd * weight)[:, None], bias[:, None], residual_ptr, r_pointers, mask,
                 negative_slope, ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
             )  # fmt: skip
-            acc_dy += dy
-            acc_dy_xmu += dy * (x - mean[:, None])  # masked lanes: dy = 0, x = 0, mean finite -> 0
+            # masked lanes: dy = 0, x = 0, mean finite -> 0
+            acc_dy = _fold_into(acc_dy, dy, FOLD)
+            acc_dy_xmu = _fold_into(acc_dy_xmu, dy * (x - mean[:, None]), FOLD)
             n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
         total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)

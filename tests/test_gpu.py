@@ -56,6 +56,17 @@ GPU_CASES = [
     Case(batches=(6,), tail=(16, 7, 7), dtype=torch.bfloat16, activation="relu", residual="same", device="cuda"),
     Case(batches=(3,), tail=(4, 13, 13), device="cuda"),
     Case(batches=(2,), tail=(8, 19, 19), dtype=torch.bfloat16, activation="silu", residual="same", device="cuda"),
+    # 16-bit channels_last with 64+ channels: the gradient sums' and statistics' folded accumulators
+    # (launchers._folds_within_threads; 64-row steps need rows enough for the GPU's grid)
+    Case(
+        batches=(32,),
+        tail=(128, 28, 28),
+        channels_last=True,
+        dtype=torch.bfloat16,
+        activation="relu",
+        residual="same",
+        device="cuda",
+    ),
 ] + [Case(**{**case.__dict__, "device": "cuda"}) for case in SINGLE_PROCESS_CASES if case.world == 1]
 
 

@@ -69,6 +69,11 @@ CASES = [
     KernelCase((8, 3, 4, 12), torch.bfloat16, tiles=(1, 256, 3), activation="silu"),
     KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu"),
     KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)),
+    # the gradient sums' folded accumulators (16-bit, 32 elements per thread and step): channels_last
+    # 300 rows in 2 splits of 64-row steps (whole and masked steps), and contiguous rows of 1024
+    # positions, 4 samples per step (6 samples: a whole and a masked step), both through an activation
+    KernelCase((50, 64, 2, 3), torch.bfloat16, "channels_last", tiles=(64, 64, 2), activation="relu", residual="same"),
+    KernelCase((6, 3, 32, 32), torch.bfloat16, tiles=(1, 4096, 1), activation="silu", residual="contiguous"),
     # channels_last_3d with one sample: the view does not collapse to rows, so the walk steps along
     # S one position at a time (BLOCK_S = 1 with S > 1), split along S
     KernelCase((1, 3, 2, 3, 4), torch.float32, "channels_last", tiles=(4, 4, 4)),
@@ -102,6 +107,16 @@ CHANNEL_RUN_CASES = {
 }
 # the edges-mode cases above: their aligned interiors' length
 EDGE_CASES = {CASES[-3].id: 164, CASES[-2].id: 956, CASES[-1].id: 352}
+
+# the FOLD of the gradient sums of these cases (the two folded cases above; 16-bit cases with
+# small steps and fp32 do not fold)
+GRADIENT_FOLD_CASES = {
+    KernelCase((50, 64, 2, 3), torch.bfloat16, "channels_last", tiles=(64, 64, 2), activation="relu",
+               residual="same").id: 2,
+    KernelCase((6, 3, 32, 32), torch.bfloat16, tiles=(1, 4096, 1), activation="silu", residual="contiguous").id: 2,
+    KernelCase((5, 3, 4, 12), torch.bfloat16, tiles=(1, 128, 3)).id: 1,
+    KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu").id: 1,
+}  # fmt: skip
 
 # (WHOLE_N, WHOLE_S, FOLD) of the statistics launch of each parked-lane case above
 PARKED_LANE_CASES = {
@@ -233,6 +248,26 @@ def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> No
     (kwargs,) = launches
     assert (kwargs["WHOLE_N"], kwargs["WHOLE_S"], kwargs["FOLD"]) == PARKED_LANE_CASES[case.id], kwargs
     assert kwargs["VEC"] * kwargs["CVEC"] > 1, kwargs
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.id in GRADIENT_FOLD_CASES], ids=lambda case: case.id)
+def test_gradient_fold_cases_fold_where_expected(case: KernelCase) -> None:
+    """The gradient sums fold their per-lane accumulators (FOLD = 2) in the cases above that should,
+    so the oracle cases check the folded kernel, and not where steps are small or fp32."""
+    from kernel_tasks import _layout, _tiling
+    from triton_syncbn import launchers
+    from triton_syncbn.contract import SavedStatistics
+    from triton_syncbn.layout import channel_view
+
+    launches = []
+    dispatch = launchers.Dispatch(4, lambda kernel, grid, args, kwargs: launches.append(kwargs))
+    view = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
+    channels = case.shape[1]
+    saved = SavedStatistics(torch.zeros(channels), torch.ones(channels), torch.full((channels,), 2.0))
+    launchers.backward_reduce(view, view, None, None, saved, Epilogue(), None, None, tiling=_tiling(case, view),
+                              dispatch=dispatch)  # fmt: skip
+    (kwargs,) = launches
+    assert kwargs["FOLD"] == GRADIENT_FOLD_CASES[case.id], kwargs
 
 
 def _training_step_launches(case: KernelCase) -> tuple[list[tuple[str, dict, dict]], torch.Tensor]:

@@ -80,6 +80,10 @@ MIN_RUN_BYTES = 256
 # thread, two lanes per accumulator (kernels/stats.py, FOLD). sm_90: the loop's issue need
 # 1.5-1.6 -> 1.3-1.4 warp-instr/cycle/SM (bf16, 128-bit accesses), registers +25-50.
 STATISTICS_FOLD = 2
+# The gradient sums' accumulators for 16-bit inputs, folded the same way over an unchanged step
+# (_gradient_fold). sm_90, S1 channels_last bf16: 180 -> 127 registers, 2 -> 4 resident programs,
+# the same 220-instruction loop; channels_last bf16 in general 176-209 -> 128 registers.
+GRADIENT_FOLD = 2
 # Steps per program the elementwise kernels (normalize, dx) aim at on large tensors.
 _ELEMENTWISE_STEPS = 16
 # Under the interpreter programs run one after another; a few splits still exercise the paths.
@@ -701,8 +705,20 @@ def _statistics_tiling(x: torch.Tensor, forced: Tiling | None, programs: int) ->
     folded = choose_tiling(x, programs, fold=STATISTICS_FOLD)
     cut_back = folded.block_c * folded.block_m < STATISTICS_FOLD * tiling.block_c * tiling.block_m
     if cut_back or folded.block_n % STATISTICS_FOLD:
-        return tiling, 1  # the larger steps were cut back (too few steps for the grid), or cannot fold
+        # The larger steps were cut back (too few steps for the grid) or cannot fold: the usual
+        # step, its accumulators folded where that stays within each thread (S1 channels_last:
+        # 106 -> 72 registers, 4 -> 6 resident programs, loop 159 -> 165 instructions).
+        return tiling, STATISTICS_FOLD if _folds_within_threads(tiling, STATISTICS_FOLD) else 1
     return folded, STATISTICS_FOLD
+
+
+def _folds_within_threads(tiling: Tiling, fold: int) -> bool:
+    """Whether lanes ``l`` and ``l + block_m / fold`` of ``tiling``'s steps can share an accumulator
+    without leaving their thread: ``block_n`` a multiple of ``fold`` (the lanes share a position)
+    and a full 16-bit step of ``2 x _THREAD_ELEMENTS`` elements per thread (S2's 8-element
+    steps folded across threads: the gradient sums' loop 65 -> 114 instructions)."""
+    per_thread = tiling.block_c * tiling.block_m // (32 * tiling.num_warps)
+    return tiling.block_n % fold == 0 and per_thread >= 2 * _THREAD_ELEMENTS
 
 
 def _reduction_stages(tiling: Tiling) -> int:
@@ -711,6 +727,13 @@ def _reduction_stages(tiling: Tiling) -> int:
     (stage indices, barriers, copies through shared memory) only costs issue: S2 bf16 statistics,
     55 -> 37 SASS instructions per 16 bytes on sm_90."""
     return REDUCTION_STAGES if tiling.steps() > 1 else 1
+
+
+def _elementwise_stages(tiling: Tiling) -> int:
+    """An elementwise kernel's software-pipelining depth: ELEMENTWISE_STAGES, or none where its
+    programs take one step each (nothing to fetch ahead, as in ``_reduction_stages``): S1
+    channels_last bf16 normalize, 200 -> 164 SASS instructions per 64 bytes on sm_90."""
+    return ELEMENTWISE_STAGES if tiling.steps() > 1 else 1
 
 
 def _run_fold(x: torch.Tensor, tiling: Tiling) -> int:
@@ -829,7 +852,7 @@ def normalize(
          channels, *_geometry(x, tiling), *x.stride(), *out.stride(), *_strides(residual)),
         dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
              ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides,
-             NUM_STAGES=ELEMENTWISE_STAGES, **_runs(x, tiling), **_blocks(tiling)),
+             NUM_STAGES=_elementwise_stages(tiling), **_runs(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
     return mean, invstd
 
@@ -897,9 +920,19 @@ def backward_reduce(
          *grad_out.stride(), *x.stride(), *_strides(residual)),
         dict(ACTIVATION=activation, ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
              SAME_STRIDES=same_strides, NUM_STAGES=_reduction_stages(tiling), **merge, **_edges(x, tiling),
-             **_blocks(tiling)),
+             FOLD=_gradient_fold(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
     return sums, grad_weight, grad_bias
+
+
+def _gradient_fold(x: torch.Tensor, tiling: Tiling) -> int:
+    """The gradient sums' FOLD: 16-bit inputs add a step's two row halves into one set of per-lane
+    accumulators (``kernels/backward.py``, ``_fold_into``): half the accumulator registers for
+    the same additions, where that stays within each thread (``_folds_within_threads``), and not
+    in edges mode (S9: already 4 resident programs with 128 bytes in flight each; folded, the
+    model's last wave cost it 2%)."""
+    fits = _folds_within_threads(tiling, GRADIENT_FOLD) and not tiling.interior
+    return GRADIENT_FOLD if x.element_size() == 2 and fits else 1
 
 
 def backward_dx(
@@ -945,7 +978,7 @@ def backward_dx(
         dispatch, runs=(grad_out, out, residual_layout),
     )  # fmt: skip
     int64, vec, cvec, same_strides = _access(tiling, geometries)
-    stages = ELEMENTWISE_STAGES if vec > 1 or cvec > 1 else 1
+    stages = _elementwise_stages(tiling) if vec > 1 or cvec > 1 else 1
     dispatch.launch(
         _backward_dx_kernel, tiling.grid(channels),
         (grad_out, x, out, residual, grad_residual, mean, invstd, weight, bias if activation else None, sums, count,
