@@ -483,3 +483,12 @@ def test_merge_tickets_are_checked() -> None:
         with pytest.raises(ValueError, match="merge_tickets must be int32 zeros"):
             launchers.partial_stats(view, bad, dispatch=dispatch)
     assert launchers.new_merge_tickets(8, x.device).numel() == launchers.merge_tickets_size(8) >= 8
+
+
+@pytest.mark.parametrize(("dtype", "warps"), [(torch.bfloat16, 2), (torch.float32, 4)], ids=["bf16", "f32"])
+def test_small_one_step_programs_run_on_half_the_warps(dtype: torch.dtype, warps: int) -> None:
+    """A 16-bit tensor so small that every program takes one short step (S2, 256 x 4096, on a GPU's
+    grid) runs each program on 2 warps, the same elements per program: every kernel of the step.
+    fp32 keeps 4 (the model's S2 fp32 forward was slower on 2)."""
+    launches, _ = _training_step_launches(KernelCase((256, 4096), dtype, programs=528))
+    assert [kwargs["num_warps"] for _, _, kwargs in launches] == [warps] * 4, launches
