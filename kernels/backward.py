@@ -34,6 +34,7 @@ from .indexing import (
     edge_start,
     edge_tile,
     float_argument,
+    fold_into,
     interior_offsets,
     lane_offsets,
     lanes,
@@ -70,22 +71,6 @@ def _grad_before_activation(
             z += widen(tl.load(r_pointers, mask=mask, other=0.0), ACC_DTYPE, PAIRED)
         dy = activation_backward(z, dy, negative_slope, ACTIVATION)
     return dy
-
-
-@triton.jit
-def _fold_into(acc, values, FOLD: tl.constexpr):
-    """``acc`` ``[BLOCK_C, BLOCK_M / FOLD]`` plus a step's ``values`` ``[BLOCK_C, BLOCK_M]``; with
-    ``FOLD = 2`` lanes ``l`` and ``l + BLOCK_M / 2`` (one thread's: the same position of another
-    row) add into one accumulator, one after the other: half the accumulator registers, the same
-    additions (as the statistics kernel's ``_accumulate``)."""
-    if FOLD == 1:
-        acc += values
-    else:
-        BLOCK_C: tl.constexpr = values.shape[0]
-        HALF: tl.constexpr = values.shape[1] // 2
-        first, second = tl.split(tl.permute(tl.reshape(values, [BLOCK_C, 2, HALF]), (0, 2, 1)))
-        acc = (acc + first) + second
-    return acc
 
 
 @triton.jit
@@ -194,8 +179,8 @@ def _backward_reduce_kernel(
                 negative_slope, ACTIVATION, ACC_DTYPE, VEC * CVEC > 1,
             )  # fmt: skip
             # masked lanes: dy = 0, x = 0, mean finite -> 0
-            acc_dy = _fold_into(acc_dy, dy, FOLD)
-            acc_dy_xmu = _fold_into(acc_dy_xmu, dy * (x - mean[:, None]), FOLD)
+            acc_dy = fold_into(acc_dy, dy, FOLD)
+            acc_dy_xmu = fold_into(acc_dy_xmu, dy * (x - mean[:, None]), FOLD)
             n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
         total_dy += tl.sum(acc_dy.to(tl.float64), axis=1)
         total_dy_xmu += tl.sum(acc_dy_xmu.to(tl.float64), axis=1)

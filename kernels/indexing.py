@@ -362,6 +362,23 @@ def widen(x, ACC_DTYPE: tl.constexpr, PAIRED: tl.constexpr = False):
     return x.to(ACC_DTYPE)
 
 
+@triton.jit
+def fold_into(acc, values, FOLD: tl.constexpr):
+    """``acc`` ``[BLOCK_C, BLOCK_M / FOLD]`` plus a step's ``values`` ``[BLOCK_C, BLOCK_M]``: the
+    per-lane accumulators of the statistics and the gradient sums. With ``FOLD = 2`` lanes ``l``
+    and ``l + BLOCK_M / 2`` (one thread's where ``launchers._folds_within_threads`` holds: the
+    same position of another row) add into one accumulator, one after the other: half the
+    accumulator registers, the same additions."""
+    if FOLD == 1:
+        acc += values
+    else:
+        BLOCK_C: tl.constexpr = values.shape[0]
+        HALF: tl.constexpr = values.shape[1] // 2
+        first, second = tl.split(tl.permute(tl.reshape(values, [BLOCK_C, 2, HALF]), (0, 2, 1)))
+        acc = (acc + first) + second
+    return acc
+
+
 # Inline PTX (``widen``) only where the kernels compile: Triton's interpreter, chosen when a kernel
 # is decorated (TRITON_INTERPRET=1), runs them as Python on the CPU and has no assembler.
 _PTX = tl.constexpr(type(widen).__name__ != "InterpretedFunction")

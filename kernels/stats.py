@@ -48,6 +48,7 @@ from .indexing import (
     advance,
     edge_start,
     edge_tile,
+    fold_into,
     interior_offsets,
     lane_offsets,
     lanes,
@@ -91,23 +92,6 @@ def _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, 
     tl.store(out_ptr + channels, count, mask=channel_mask)
     tl.store(out_ptr + C + channels, count * mean, mask=channel_mask)
     tl.store(out_ptr + 2 * C + channels, m2 + count * mean * mean, mask=channel_mask)
-
-
-@triton.jit
-def _accumulate(acc_sum, acc_sumsq, shifted, FOLD: tl.constexpr):
-    """Add a step's shifted values ``[BLOCK_C, BLOCK_M]`` to the per-lane sums ``[BLOCK_C,
-    BLOCK_M / FOLD]``; with ``FOLD = 2`` lanes ``l`` and ``l + BLOCK_M / 2`` (one thread's, the
-    same position of another row) go to one accumulator, one after the other."""
-    if FOLD == 1:
-        acc_sum += shifted
-        acc_sumsq += shifted * shifted
-    else:
-        BLOCK_C: tl.constexpr = shifted.shape[0]
-        HALF: tl.constexpr = shifted.shape[1] // 2
-        first, second = tl.split(tl.permute(tl.reshape(shifted, [BLOCK_C, 2, HALF]), (0, 2, 1)))
-        acc_sum = (acc_sum + first) + second
-        acc_sumsq = (acc_sumsq + first * first) + second * second
-    return acc_sum, acc_sumsq
 
 
 @triton.jit
@@ -195,7 +179,8 @@ def _partial_stats_kernel(
                 pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [CVEC, 1])
         x = tl.load(pointers)
         shifted = widen(x, ACC_DTYPE, VEC * CVEC > 1) - lane_pilot
-        acc_sum, acc_sumsq = _accumulate(acc_sum, acc_sumsq, shifted, FOLD)
+        acc_sum = fold_into(acc_sum, shifted, FOLD)
+        acc_sumsq = fold_into(acc_sumsq, shifted * shifted, FOLD)
         n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
 
     # Every channel's local count is N x S, split or not (written so that N or S specialized to the

@@ -133,6 +133,11 @@ class Tiling:
     def splits(self) -> int:
         return self.n_splits * self.s_splits
 
+    @property
+    def thread_elements(self) -> int:
+        """Elements of one step each thread holds."""
+        return self.block_c * self.block_m // (32 * self.num_warps)
+
     def grid(self, channels: int) -> tuple[int, int]:
         return (_cdiv(channels, self.run_channels or self.block_c), self.splits)
 
@@ -300,8 +305,7 @@ def _one_small_step(tiling: Tiling, itemsize: int) -> bool:
     thread instead of 16, every program resident; the gradient sums 96 -> 126 for 64 bytes,
     still every program resident; the model: forward 13.4 -> 11.2 us, backward 14.0 -> 10.5).
     Not fp32: S2 fp32's forward went 9.9 -> 11.2 us in the model."""
-    per_thread_bytes = tiling.block_c * tiling.block_m * itemsize // (32 * _NUM_WARPS)
-    return itemsize == 2 and tiling.steps() == 1 and per_thread_bytes < _THREAD_ELEMENTS * 4
+    return itemsize == 2 and tiling.steps() == 1 and tiling.thread_elements * itemsize < _THREAD_ELEMENTS * 4
 
 
 # Channel runs: the least fraction of a run's lanes that must hold elements.
@@ -732,8 +736,7 @@ def _folds_within_threads(tiling: Tiling, fold: int) -> bool:
     without leaving their thread: ``block_n`` a multiple of ``fold`` (the lanes share a position)
     and a full 16-bit step of ``2 x _THREAD_ELEMENTS`` elements per thread (S2's 8-element
     steps folded across threads: the gradient sums' loop 65 -> 114 instructions)."""
-    per_thread = tiling.block_c * tiling.block_m // (32 * tiling.num_warps)
-    return tiling.block_n % fold == 0 and per_thread >= 2 * _THREAD_ELEMENTS
+    return tiling.block_n % fold == 0 and tiling.thread_elements >= 2 * _THREAD_ELEMENTS
 
 
 def _reduction_stages(tiling: Tiling) -> int:
@@ -942,7 +945,7 @@ def backward_reduce(
 
 def _gradient_fold(x: torch.Tensor, tiling: Tiling) -> int:
     """The gradient sums' FOLD: 16-bit inputs add a step's two row halves into one set of per-lane
-    accumulators (``kernels/backward.py``, ``_fold_into``): half the accumulator registers for
+    accumulators (``kernels/indexing.py``, ``fold_into``): half the accumulator registers for
     the same additions, where that stays within each thread (``_folds_within_threads``), and not
     in edges mode (S9: already 4 resident programs with 128 bytes in flight each; folded, the
     model's last wave cost it 2%)."""
