@@ -76,7 +76,7 @@ def forward(call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def saves_output(call: ForwardCall) -> bool:
     """Whether backward takes the fused activation's derivative from this forward's output
     (``contract.KernelBackend.derivative_from_output``): the autograd Function saves it then."""
-    return call.epilogue.fused_activation and kernel_backend(call.input).derivative_from_output(call.epilogue)
+    return kernel_backend(call.input).derivative_from_output(call.epilogue)
 
 
 def _channel_views(epilogue: Epilogue) -> Epilogue:
