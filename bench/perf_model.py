@@ -20,6 +20,8 @@ The formula (constants per GPU in ``GPUS``; one place):
 
     bytes per SM per cycle      b   = copy_bandwidth / (SMs x clock)              (H200: ~16.5)
     issue needed (warp-instr/cycle/SM)   q = I / (32 x B) x b / u
+        I = the main loop's SASS; a kernel that walks each split's partial last column in a loop
+        of its own (the statistics, N whole and S not): the mean of both loops' SASS over steps
         u = lane utilization: valid elements / (lanes stepped over), masked padding included
     resident programs per SM    r   = min(occupancy limit (registers, warps, blocks, smem),
                                           programs / SMs)
@@ -140,6 +142,7 @@ class Sass:
     shared: int
     num_warps: int
     loop_instructions: int  # SASS in the main loop body (0: no loop with loads)
+    tail_instructions: int  # ... in a loop of the same loads for a partial last column (kernels/stats.py); 0: none
     loop_load_bytes: int  # bytes loaded per thread per iteration
     loop_store_bytes: int
     integer_division: bool
@@ -206,8 +209,12 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         if loads and not all(".STRONG.GPU" in op for op in loads):  # not the split merge's loop
             loops.append(body)
     # the main loop: the innermost loop that loads the most bytes per iteration, not a kernel's
-    # short epilogue loops (edges mode's, after the main loop)
-    body = max(loops, key=lambda loop: _load_bytes(op for op, _ in loop)) if loops else []
+    # short epilogue loops (edges mode's, after the main loop); the shortest such loop where a
+    # kernel has two (the statistics' whole columns, then their partial last column with selects)
+    widest = max((_load_bytes(op for op, _ in loop) for loop in loops), default=0)
+    candidates = sorted((loop for loop in loops if _load_bytes(op for op, _ in loop) == widest), key=len)
+    body = candidates[0] if candidates else []
+    tail = candidates[-1] if len(candidates) > 1 else []
     opcodes = [op for op, _ in body]
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
@@ -216,6 +223,7 @@ def read_sass(sass: str, usage: str, num_warps: int) -> Sass:
         shared=shared,
         num_warps=num_warps,
         loop_instructions=len(body),
+        tail_instructions=len(tail),
         loop_load_bytes=_load_bytes(opcodes),
         loop_store_bytes=sum(_access_bytes(op) for op in opcodes if op.startswith("STG")),
         integer_division=any(op.startswith("I2F") and "RP" in op for op in opcodes)
@@ -308,6 +316,33 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
     return numel / lanes if lanes else 1.0
 
 
+def loop_instructions(launch: KernelLaunch, sass: Sass) -> float:
+    """``I``: SASS per step of the main loop; where the kernel walks a split's partial last column
+    in a loop of its own (``sass.tail_instructions``: the statistics, N whole and S not), the mean
+    over the steps of both loops."""
+    if not sass.tail_instructions:
+        return float(sass.loop_instructions)
+    whole, tail = column_steps(launch)
+    if whole + tail == 0:
+        return float(sass.loop_instructions)
+    return (sass.loop_instructions * whole + sass.tail_instructions * tail) / (whole + tail)
+
+
+def column_steps(launch: KernelLaunch) -> tuple[int, int]:
+    """Steps of a channel block's programs in all, in whole columns (``BLOCK_S`` positions inside
+    the split) and in partial last columns."""
+    values = dict(zip(launch.kernel.arg_names, launch.args, strict=False))
+    block_n, block_s = launch.kwargs["BLOCK_N"], launch.kwargs["BLOCK_S"]
+    n, s, chunk_n, chunk_s = values["N"], values["S"], values["chunk_n"], values["chunk_s"]
+    rows = sum(triton.cdiv(min(chunk_n, n - n_lo), block_n) for n_lo in range(0, n, chunk_n))
+    whole = tail = 0
+    for s_lo in range(0, s, chunk_s):
+        length = min(chunk_s, s - s_lo)
+        whole += rows * (length // block_s)
+        tail += rows * (length % block_s > 0)
+    return whole, tail
+
+
 def program_steps(launch: KernelLaunch) -> int:
     """Steps of a streaming kernel's longest program: its split's samples and positions over the
     step's (channel runs: samples only; a run is one step wide)."""
@@ -355,7 +390,8 @@ def kernel_figures(
         )  # fmt: skip
     moved = sass.loop_load_bytes + sass.loop_store_bytes
     utilization = _utilization(launch, numel)
-    issue = sass.loop_instructions / (32 * moved) * gpu.bytes_per_cycle / utilization if moved else math.inf
+    instructions = loop_instructions(launch, sass)
+    issue = instructions / (32 * moved) * gpu.bytes_per_cycle / utilization if moved else math.inf
     issue_limit = min(1.0, gpu.sustained_issue / issue)
     # load bytes in flight per resident program: one iteration's, or NUM_STAGES - 1 iterations'
     # when the loop's loads are software-pipelined (asynchronous copies issued that far ahead)
@@ -392,7 +428,7 @@ def kernel_figures(
             failures.append(f"{per_sm:.2f} programs/SM < {MIN_PROGRAMS_PER_SM}")
     return KernelFigures(
         **label, kernel=launch.name, grid=str(launch.grid), programs_per_sm=per_sm, registers=sass.registers,
-        resident=resident, loop_sass=sass.loop_instructions, loop_bytes=moved, issue_needed=issue,
+        resident=resident, loop_sass=round(instructions), loop_bytes=moved, issue_needed=issue,
         in_flight_kb=in_flight / 1024, utilization=utilization, integer_division=sass.integer_division,
         block_reduction=sass.block_reduction, merge_steps=merge_steps, traffic_mb=traffic / 1e6, fraction=fraction,
         failures=failures,
@@ -507,6 +543,35 @@ def print_table(kernel_rows: list[KernelFigures], direction_rows: list[Direction
         )
 
 
+# PERF.md's targets per shape (one H200, world size 1): large shapes stream at >= 90% of copy
+# bandwidth (actual traffic) in each direction, mid shapes at >= 60% forward and 55% backward of
+# algorithmic bytes (2 tensors forward, 3 backward), small ones take <= 8 / 10 us and 2 kernels.
+LARGE_SHAPES = ("S5", "S6", "S9", "S11")
+SMALL_SHAPES = ("S1", "S2")
+
+
+def perf_target(forward: DirectionFigures, backward: DirectionFigures, gpu: Gpu) -> tuple[str, float, float, bool]:
+    """``(target, forward algorithmic fraction, backward algorithmic fraction, predicted to meet)``
+    of one case against PERF.md (its traffic targets are stated for an H200)."""
+    numel = next(entry.numel for entry in GPU_SHAPES if entry.id == forward.shape)
+    tensor = numel * DTYPES[forward.dtype].itemsize
+    bandwidth = gpu.copy_tb_s * 1e12
+    algorithmic = [
+        moved * tensor / (bandwidth * row.predicted_time_us * 1e-6) for moved, row in ((2, forward), (3, backward))
+    ]
+    if forward.shape in LARGE_SHAPES:
+        met = forward.predicted_fraction >= 0.9 and backward.predicted_fraction >= 0.9
+        target = "actual >= 90% fwd and bwd"
+    elif forward.shape in SMALL_SHAPES:
+        met = forward.predicted_time_us <= 8 and backward.predicted_time_us <= 10
+        met = met and forward.kernels <= MAX_KERNELS and backward.kernels <= MAX_KERNELS
+        target = "fwd <= 8 us, bwd <= 10 us, <= 2 kernels"
+    else:
+        met = algorithmic[0] >= 0.6 and algorithmic[1] >= 0.55
+        target = "alg fwd >= 60%, bwd >= 55%"
+    return target, algorithmic[0], algorithmic[1], met
+
+
 def write_outputs(
     kernel_rows: list[KernelFigures], direction_rows: list[DirectionFigures], out: Path, gpu: Gpu
 ) -> None:
@@ -541,6 +606,23 @@ def write_outputs(
         lines.append(
             f"| {forward.shape} | {forward.layout} | {forward.dtype} | {100 * forward.predicted_fraction:.0f} | "
             f"{100 * backward.predicted_fraction:.0f} | {forward.kernels}/{backward.kernels} | {failures} |"
+        )
+    lines += [
+        "",
+        "Next to PERF.md's targets (stated for an H200): actual = the bytes the kernels move, "
+        "algorithmic = 2 tensors forward, 3 backward, both over copy bandwidth x predicted time.",
+        "",
+        "| shape | layout | dtype | fwd us | fwd actual % | fwd alg % | bwd us | bwd actual % | bwd alg % "
+        "| PERF.md target | predicted to meet |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for forward, backward in zip(direction_rows[::2], direction_rows[1::2], strict=True):
+        target, forward_alg, backward_alg, met = perf_target(forward, backward, gpu)
+        lines.append(
+            f"| {forward.shape} | {forward.layout} | {forward.dtype} | {forward.predicted_time_us:.1f} | "
+            f"{100 * forward.predicted_fraction:.0f} | {100 * forward_alg:.0f} | {backward.predicted_time_us:.1f} | "
+            f"{100 * backward.predicted_fraction:.0f} | {100 * backward_alg:.0f} | {target} | "
+            f"{'yes' if met else 'no'} |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     try:

@@ -28,8 +28,11 @@ loop, in float64 (d = lane shift - pilot, exact; n = the elements the lane added
     sum(x - p) = S1' + n d,   sum((x - p)**2) = S2' + d (2 S1' + n d).
 
 Where N and S are whole steps (``WHOLE_N``/``WHOLE_S``) nothing is parked and every lane takes
-the pilot. 16-bit inputs take steps of 128 bytes per thread with two lanes per accumulator
-(``FOLD``): as many registers, the loop's fixed work spread over twice the bytes.
+the pilot. Where only S is not (``TAIL_LOOP``, chosen for 16-bit inputs, whose loop is
+issue-bound), a split's whole columns are walked in a loop with no select and its partial last
+column in a loop of its own, the only one that parks. 16-bit inputs take steps of 128 bytes per
+thread with two lanes per accumulator (``FOLD``): as many registers, the loop's fixed work spread
+over twice the bytes.
 
 Splits of a channel (``num_splits > 1``) share the pilot, so their shifted sums simply add:
 each stores float64 ``(S1, S2)`` partials and the last program of the channel block to
@@ -95,6 +98,26 @@ def _store_packed_stats(out_ptr, channels, channel_mask, C, count, shifted_sum, 
 
 
 @triton.jit
+def _park(pointers, parked, valid, VEC: tl.constexpr, CVEC: tl.constexpr):
+    """A step's ``pointers`` ``[BLOCK_C, BLOCK_M]``, those of lanes outside the rectangle
+    (``valid`` ``[BLOCK_M]`` false) moved to their parking elements ``parked``."""
+    pointers = tl.where(valid[None, :], pointers, parked)
+    if VEC > 1:  # (hints as for the parked pointers: Triton does not see runs through the select)
+        pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
+    if CVEC > 1:
+        pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [CVEC, 1])
+    return pointers
+
+
+@triton.jit
+def _add_shifted(x, lane_pilot, acc_sum, acc_sumsq, ACC_DTYPE: tl.constexpr, FOLD: tl.constexpr, PAIRED: tl.constexpr):
+    """A step's elements ``x`` ``[BLOCK_C, BLOCK_M]`` (``PAIRED``: from vector loads), shifted by
+    their lanes' pilots, added to the per-lane sums and sums of squares ``[BLOCK_C, BLOCK_M / FOLD]``."""
+    shifted = widen(x, ACC_DTYPE, PAIRED) - lane_pilot
+    return fold_into(acc_sum, shifted, FOLD), fold_into(acc_sumsq, shifted * shifted, FOLD)
+
+
+@triton.jit
 def _partial_stats_kernel(
     x_ptr,  # input viewed as [N, C, S], any floating dtype
     out_ptr,  # float64 [3, C] packed stats (count, sum, sum of squares)
@@ -126,6 +149,7 @@ def _partial_stats_kernel(
     MERGE_ROWS: tl.constexpr,  # partial rows a merge step adds
     channel_size,  # positions per channel (with EDGES, S is the aligned interior's)
     EDGES: tl.constexpr,  # the loop walks each row's aligned interior, then the edges (launchers.interior_length)
+    TAIL_LOOP: tl.constexpr = False,  # a split's partial last column in a loop of its own (N whole, S not)
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -162,26 +186,36 @@ def _partial_stats_kernel(
     n0 = n_lo
     s0 = s_lo
     rows = x_ptr + n_lo.to(tl.int64) * stride_xn  # rows-only walks (S = 1) carry their step base
+    # TAIL_LOOP, where N is whole and S is not (the only partial steps are the split's last
+    # column): the whole columns first, in a loop with no select, then that column in its own.
+    TAIL: tl.constexpr = TAIL_LOOP and PARKED and WHOLE_N and BLOCK_S > 1
+    PAIRED: tl.constexpr = VEC * CVEC > 1
+    s_whole = s_hi
+    if TAIL:
+        s_whole = s_lo + (s_hi - s_lo) // BLOCK_S * BLOCK_S
     # NUM_STAGES > 1: Triton software-pipelines the loads (cp.async into shared memory, NUM_STAGES - 1
     # steps ahead), so a warp keeps several steps' bytes in flight instead of one.
-    for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
+    for _ in tl.range(0, step_count(n_lo, n_hi, s_lo, s_whole, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
         if ROWS_ONLY:
             pointers = tile_pointers(rows, offsets, VEC, CVEC)
             rows += BLOCK_N * stride_xn.to(tl.int64)
         else:
             pointers = step_pointers(x_ptr, offsets, n0, s0, stride_xn, stride_xs, VEC, CVEC)
-        if PARKED:
+        if PARKED and not TAIL:
             valid = step_lanes_valid(lane_n, lane_s_run, n0, s0, n_hi, s_hi, BLOCK_S, VEC, WHOLE_N, WHOLE_S)
-            pointers = tl.where(valid[None, :], pointers, parked)
-            if VEC > 1:  # (hints as for the parked pointers: Triton does not see runs through the select)
-                pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, VEC])
-            if CVEC > 1:
-                pointers = tl.max_contiguous(tl.multiple_of(pointers, [16, 1]), [CVEC, 1])
+            pointers = _park(pointers, parked, valid, VEC, CVEC)
         x = tl.load(pointers)
-        shifted = widen(x, ACC_DTYPE, VEC * CVEC > 1) - lane_pilot
-        acc_sum = fold_into(acc_sum, shifted, FOLD)
-        acc_sumsq = fold_into(acc_sumsq, shifted * shifted, FOLD)
-        n0, s0 = advance(n0, s0, s_lo, s_hi, BLOCK_N, BLOCK_S)
+        acc_sum, acc_sumsq = _add_shifted(x, lane_pilot, acc_sum, acc_sumsq, ACC_DTYPE, FOLD, PAIRED)
+        n0, s0 = advance(n0, s0, s_lo, s_whole, BLOCK_N, BLOCK_S)
+    if TAIL:  # the last column (none where the split's S is whole): lanes past s_hi park
+        n0 = n_lo
+        for _ in tl.range(0, step_count(n_lo, n_hi, s_whole, s_hi, BLOCK_N, BLOCK_S), num_stages=NUM_STAGES):
+            pointers = step_pointers(x_ptr, offsets, n0, s_whole, stride_xn, stride_xs, VEC, CVEC)
+            valid = step_lanes_valid(lane_n, lane_s_run, n0, s_whole, n_hi, s_hi, BLOCK_S, VEC, WHOLE_N, WHOLE_S)
+            pointers = _park(pointers, parked, valid, VEC, CVEC)
+            x = tl.load(pointers)
+            acc_sum, acc_sumsq = _add_shifted(x, lane_pilot, acc_sum, acc_sumsq, ACC_DTYPE, FOLD, PAIRED)
+            n0 += BLOCK_N
 
     # Every channel's local count is N x S, split or not (written so that N or S specialized to the
     # constant 1 by Triton's JIT still works: batch 1 per rank splits along S).

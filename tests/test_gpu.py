@@ -67,6 +67,11 @@ GPU_CASES = [
         residual="same",
         device="cuda",
     ),
+    # 16-bit statistics with N whole and S not (kernels/stats.py, TAIL_LOOP): splits of whole
+    # columns without selects and splits of a partial last column, S = 784; edges mode with rows of
+    # 9400 interior positions, steps of 2048 on 2 warps (S9's channels, fewer of them)
+    Case(batches=(32,), tail=(64, 28, 28), dtype=torch.bfloat16, device="cuda"),
+    Case(batches=(2,), tail=(128, 97, 97), dtype=torch.bfloat16, activation="relu", residual="same", device="cuda"),
 ] + [Case(**{**case.__dict__, "device": "cuda"}) for case in SINGLE_PROCESS_CASES if case.world == 1]
 
 

@@ -69,6 +69,12 @@ CASES = [
     KernelCase((8, 3, 4, 12), torch.bfloat16, tiles=(1, 256, 3), activation="silu"),
     KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu"),
     KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)),
+    # ... 16-bit with N whole and S not: the whole columns in a loop with no select, then the partial
+    # last column in a loop of its own (TAIL_LOOP): 2 row blocks per split, 2 whole columns of 128
+    # positions and one of 64; split along S, a split of 3 whole columns and one of a whole column
+    # and a partial one of 64 (the (8, 3, 4, 12) case above: a split of only a partial column)
+    KernelCase((16, 3, 16, 20), torch.bfloat16, tiles=(1, 512, 2)),
+    KernelCase((4, 3, 24, 24), torch.float16, tiles=(1, 256, 4), activation="relu", residual="same"),
     # the gradient sums' folded accumulators (16-bit, 32 elements per thread and step): channels_last
     # 300 rows in 2 splits of 64-row steps (whole and masked steps), and contiguous rows of 1024
     # positions, 4 samples per step (6 samples: a whole and a masked step), both through an activation
@@ -118,13 +124,17 @@ GRADIENT_FOLD_CASES = {
     KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu").id: 1,
 }  # fmt: skip
 
-# (WHOLE_N, WHOLE_S, FOLD) of the statistics launch of each parked-lane case above
+# (WHOLE_N, WHOLE_S, FOLD, TAIL_LOOP) of the statistics launch of each parked-lane case above
 PARKED_LANE_CASES = {
-    KernelCase((5, 3, 4, 12), torch.bfloat16, tiles=(1, 128, 3)).id: (False, False, 2),
-    KernelCase((8, 3, 4, 12), torch.bfloat16, tiles=(1, 256, 3), activation="silu").id: (True, False, 2),
-    KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu").id: (True, True, 1),
-    KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)).id: (False, True, 1),
-}
+    KernelCase((5, 3, 4, 12), torch.bfloat16, tiles=(1, 128, 3)).id: (False, False, 2, True),
+    KernelCase((8, 3, 4, 12), torch.bfloat16, tiles=(1, 256, 3), activation="silu").id: (True, False, 2, True),
+    KernelCase((4, 3, 8, 8), tiles=(1, 128, 2), activation="relu").id: (True, True, 1, False),
+    KernelCase((6, 12, 3, 3), torch.float32, "channels_last", tiles=(8, 32, 3)).id: (False, True, 1, False),
+    KernelCase((16, 3, 16, 20), torch.bfloat16, tiles=(1, 512, 2)).id: (True, False, 2, True),
+    KernelCase((4, 3, 24, 24), torch.float16, tiles=(1, 256, 4), activation="relu", residual="same").id: (
+        True, False, 2, True
+    ),
+}  # fmt: skip
 
 
 def reference(case: KernelCase) -> dict[str, torch.Tensor]:
@@ -236,7 +246,8 @@ def test_gpu_sized_grid_splits_along_n_and_s() -> None:
 @pytest.mark.parametrize("case", [case for case in CASES if case.id in PARKED_LANE_CASES], ids=lambda case: case.id)
 def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> None:
     """The statistics kernel leaves out the masks where every step is whole (WHOLE_N/WHOLE_S) and
-    parks the other lanes; the cases above reach each combination, with 128-bit runs."""
+    parks the other lanes; the cases above reach each combination, with 128-bit runs, and 16-bit
+    ones walk a partial last column in a loop of its own (TAIL_LOOP)."""
     from kernel_tasks import _layout, _tiling
     from triton_syncbn import launchers
     from triton_syncbn.layout import channel_view
@@ -246,8 +257,22 @@ def test_parked_lane_cases_cover_partial_and_whole_steps(case: KernelCase) -> No
     view = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
     launchers.partial_stats(view, tiling=_tiling(case, view), dispatch=dispatch)
     (kwargs,) = launches
-    assert (kwargs["WHOLE_N"], kwargs["WHOLE_S"], kwargs["FOLD"]) == PARKED_LANE_CASES[case.id], kwargs
+    flags = (kwargs["WHOLE_N"], kwargs["WHOLE_S"], kwargs["FOLD"], kwargs["TAIL_LOOP"])
+    assert flags == PARKED_LANE_CASES[case.id], kwargs
     assert kwargs["VEC"] * kwargs["CVEC"] > 1, kwargs
+
+
+def test_tail_loop_cases_have_whole_and_partial_columns() -> None:
+    """The two TAIL_LOOP cases above walk what their comment says: (block_n, chunk_n, block_s,
+    chunk_s, s_splits) of their forced tilings."""
+    from triton_syncbn import launchers
+
+    expected = {(16, 3, 16, 20): (4, 8, 128, 384, 1), (4, 3, 24, 24): (2, 2, 128, 384, 2)}
+    for shape, geometry in expected.items():
+        view = torch.empty(shape, dtype=torch.bfloat16).view(shape[0], shape[1], -1)
+        case = next(case for case in CASES if case.shape == shape)
+        tiling = launchers.Tiling.split(view, *case.tiles)
+        assert (tiling.block_n, tiling.chunk_n, tiling.block_s, tiling.chunk_s, tiling.s_splits) == geometry
 
 
 @pytest.mark.parametrize("case", [case for case in CASES if case.id in GRADIENT_FOLD_CASES], ids=lambda case: case.id)
@@ -271,8 +296,9 @@ def test_gradient_fold_cases_fold_where_expected(case: KernelCase) -> None:
 
 
 def _training_step_launches(case: KernelCase) -> tuple[list[tuple[str, dict, dict]], torch.Tensor]:
-    """``(launches, x)``: the (kernel name, positional arguments by name, keyword arguments) of the
-    four launches of a training step on ``case``'s ``[N, C, S]`` view ``x``, recorded, not run."""
+    """``(launches, x)``: the (kernel name, positional arguments by name and its ``"grid"``, keyword
+    arguments) of the four launches of a training step on ``case``'s ``[N, C, S]`` view ``x``,
+    recorded, not run."""
     from kernel_tasks import _layout
     from triton_syncbn import launchers
     from triton_syncbn.contract import SavedStatistics
@@ -281,7 +307,7 @@ def _training_step_launches(case: KernelCase) -> tuple[list[tuple[str, dict, dic
     launches = []
 
     def record(kernel: object, grid: tuple[int, ...], args: tuple[object, ...], kwargs: dict) -> None:
-        launches.append((kernel.__name__, dict(zip(kernel.arg_names, args, strict=False)), kwargs))
+        launches.append((kernel.__name__, {**dict(zip(kernel.arg_names, args, strict=False)), "grid": grid}, kwargs))
 
     dispatch = launchers.Dispatch(case.programs or 4, record)
     x = channel_view(_layout(torch.empty(case.shape, dtype=case.dtype), case.layout))
@@ -485,10 +511,68 @@ def test_merge_tickets_are_checked() -> None:
     assert launchers.new_merge_tickets(8, x.device).numel() == launchers.merge_tickets_size(8) >= 8
 
 
-@pytest.mark.parametrize(("dtype", "warps"), [(torch.bfloat16, 2), (torch.float32, 4)], ids=["bf16", "f32"])
-def test_small_one_step_programs_run_on_half_the_warps(dtype: torch.dtype, warps: int) -> None:
-    """A 16-bit tensor so small that every program takes one short step (S2, 256 x 4096, on a GPU's
-    grid) runs each program on 2 warps, the same elements per program: every kernel of the step.
-    fp32 keeps 4 (the model's S2 fp32 forward was slower on 2)."""
-    launches, _ = _training_step_launches(KernelCase((256, 4096), dtype, programs=528))
-    assert [kwargs["num_warps"] for _, _, kwargs in launches] == [warps] * 4, launches
+@pytest.mark.parametrize(
+    ("case", "warps"),
+    [
+        (KernelCase((256, 4096), torch.bfloat16, programs=660), [2, 2, 2, 2]),
+        (KernelCase((256, 4096), torch.float32, programs=660), [4, 4, 4, 4]),
+        (KernelCase((32, 2048, 7, 7), torch.bfloat16, "channels_last", programs=660), [4, 2, 4, 4]),
+    ],
+    ids=["S2-bf16", "S2-f32", "S1-channels_last-bf16"],
+)
+def test_small_one_step_programs_run_on_half_the_warps(case: KernelCase, warps: list[int]) -> None:
+    """A 16-bit tensor so small that every program takes one short step (S2, 256 x 4096, on an
+    H200's grid: 132 SMs x PROGRAMS_PER_SM) runs each program on 2 warps, the same elements per
+    program: every kernel of S2's step. S1 channels_last's steps are 64 bytes a thread and tensor:
+    its normalize (x, fewer than 128 bytes a thread in all) runs on 2, not the reductions (64
+    bytes of a tensor) or dx (dy and x). fp32 keeps 4 (the model's S2 fp32 forward was slower on 2)."""
+    launches, _ = _training_step_launches(case)
+    assert [kwargs["num_warps"] for _, _, kwargs in launches] == warps, launches
+
+
+@pytest.mark.parametrize(
+    ("case", "normalize_programs", "dx_programs"),
+    [
+        (KernelCase((128, 512, 28, 28), torch.bfloat16, "channels_last", programs=660), (528, 660), 784),
+        (KernelCase((128, 512, 28, 28), torch.float32, "channels_last", programs=660), (528, 660), (528, 660)),
+        (KernelCase((2, 32, 128, 128, 128), torch.bfloat16, programs=660), (528, 660), (528, 660)),
+        (KernelCase((32, 2048, 7, 7), torch.bfloat16, "channels_last", programs=660), 800, 800),
+    ],
+    ids=["S5-channels_last-bf16", "S5-channels_last-f32", "S11-bf16", "S1-channels_last-bf16"],
+)
+def test_elementwise_kernels_run_one_wave_of_long_programs(
+    case: KernelCase, normalize_programs: int | tuple[int, int], dx_programs: int | tuple[int, int]
+) -> None:
+    """normalize and dx take one wave of 4-5 programs per SM (on a GPU of 132 SMs: 528-660) where
+    the tensor has two steps or more for each, instead of a grid of 16-step programs whose last
+    partial wave ran a few programs per SM (the model: channels_last bf16 normalize at 67-76% of
+    copy). Not dx on 16-bit channels_last (4 programs per SM resident: 5.9 per SM run 1.5 waves),
+    nor where programs take one step each (S1)."""
+    launches, _ = _training_step_launches(case)
+    programs = {name: args["grid"][0] * args["grid"][1] for name, args, _ in launches}
+    for name, expected in (("_normalize_kernel", normalize_programs), ("_backward_dx_kernel", dx_programs)):
+        if isinstance(expected, tuple):
+            assert expected[0] <= programs[name] <= expected[1], programs
+        else:
+            assert programs[name] == expected, programs
+
+
+@pytest.mark.parametrize(
+    ("shape", "geometry"),
+    [((2, 2048, 97, 97), (2, 2048, 2, 2, True, 168)), ((128, 512, 28, 28), (64, 128, 4, 2, True, None)),
+     ((32, 256, 56, 56), (32, 256, 4, 2, True, None))],
+    ids=["S9", "S5", "S4"],
+)  # fmt: skip
+def test_padded_16_bit_statistics_take_the_usual_steps_on_half_the_warps(
+    shape: tuple[int, ...], geometry: tuple[int, int, int, int, bool, int | None]
+) -> None:
+    """16-bit statistics take twice the elements a step, unless that pads the rows more: S9's rows
+    of 9400 interior positions (edges mode) in steps of 2 x 4096 would leave 23% of the lanes idle,
+    so they take the usual 2 x 2048 on 2 warps (each thread the same 64 elements). S5 and S4 keep
+    the doubled step. (BLOCK_N, BLOCK_S, num_warps, FOLD, TAIL_LOOP, maxnreg) of the launch on a
+    GPU's grid: the 2-warp programs are capped at 168 registers, 6 per SM."""
+    launches, _ = _training_step_launches(KernelCase(shape, torch.bfloat16, programs=660))
+    _, _, kwargs = launches[0]
+    flags = ("BLOCK_N", "BLOCK_S", "num_warps", "FOLD", "TAIL_LOOP")
+    got = (*(kwargs[flag] for flag in flags), kwargs.get("maxnreg"))
+    assert got == geometry, kwargs

@@ -84,8 +84,17 @@ STATISTICS_FOLD = 2
 # (_gradient_fold). sm_90, S1 channels_last bf16: 180 -> 127 registers, 2 -> 4 resident programs,
 # the same 220-instruction loop; channels_last bf16 in general 176-209 -> 128 registers.
 GRADIENT_FOLD = 2
-# Steps per program the elementwise kernels (normalize, dx) aim at on large tensors.
+# Bytes a thread of a one-step 16-bit elementwise program loads, below which the program runs on
+# half the warps (a reduction: half of this from each tensor; _one_small_step).
+SMALL_STEP_BYTES = 128
+# Steps per program the elementwise kernels (normalize, dx) aim at on tensors too small for the
+# one-wave grid below.
 _ELEMENTWISE_STEPS = 16
+# Programs per SM of the elementwise kernels' grid where the tensor has two steps or more for each
+# (at most this many, one wave: every such kernel holds at least 4 per SM, and a last partial
+# wave would run a few programs per SM with too few loads in flight; bench/perf_model.py:
+# channels_last bf16 normalize, 5 resident of 5.3-5.9 per SM, streamed at 67-76% of copy).
+ELEMENTWISE_PROGRAMS_PER_SM = 4
 # Under the interpreter programs run one after another; a few splits still exercise the paths.
 _INTERPRETER_PROGRAMS = 4
 _INT32_LIMIT = 2**31 - 1
@@ -211,32 +220,61 @@ def _spatial_block(shape: tuple[int, int, int], tile: int, itemsize: int) -> int
     return best
 
 
-def _chunk(blocks: int, splits: int, cap: int) -> int:
+def _chunk(blocks: int, splits: int, cap: int, at_most: bool = False) -> int:
     """Blocks per split: rounded down, so that at least ``splits`` splits result, unless that
-    would exceed ``cap``."""
+    would exceed ``cap``; ``at_most``: rounded up, so that at most ``splits`` result."""
     chunk = max(blocks // splits, 1)
-    return chunk if _cdiv(blocks, chunk) <= cap else _cdiv(blocks, splits)
+    return chunk if _cdiv(blocks, chunk) <= cap and not at_most else _cdiv(blocks, splits)
 
 
 def _with_splits(
-    shape: tuple[int, int, int], block_c: int, block_n: int, block_s: int, wanted: int, cap: int
+    shape: tuple[int, int, int], block_c: int, block_n: int, block_s: int, wanted: int, cap: int, at_most: bool = False
 ) -> Tiling:
-    """Split the ``[N, S]`` plane of an ``[N, C, S]`` view along N first, then S, into at most
-    ``min(wanted, cap)`` rectangles made of whole steps."""
+    """Split the ``[N, S]`` plane of an ``[N, C, S]`` view along N first, then S, into about
+    ``min(wanted, cap)`` rectangles made of whole steps (``at_most``: no more than that)."""
     batch, _, spatial = shape
     wanted = max(1, min(wanted, cap))
     n_blocks = max(_cdiv(batch, block_n), 1)
     s_blocks = max(_cdiv(spatial, block_s), 1)
     n_splits = min(wanted, n_blocks)
-    chunk_n = _chunk(n_blocks, n_splits, cap) * block_n
+    chunk_n = _chunk(n_blocks, n_splits, cap, at_most) * block_n
     n_splits = max(_cdiv(batch, chunk_n), 1)
-    s_splits = min(_cdiv(wanted, n_splits), s_blocks, max(cap // n_splits, 1))
-    chunk_s = _chunk(s_blocks, s_splits, max(cap // n_splits, 1)) * block_s
+    per_row = wanted // n_splits if at_most else _cdiv(wanted, n_splits)
+    s_splits = max(min(per_row, s_blocks, max(cap // n_splits, 1)), 1)
+    chunk_s = _chunk(s_blocks, s_splits, max(cap // n_splits, 1), at_most) * block_s
     s_splits = max(_cdiv(spatial, chunk_s), 1)
     return Tiling(block_c, block_n, block_s, chunk_n, chunk_s, n_splits, s_splits)
 
 
-def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True, fold: int = 1) -> Tiling:
+def _one_wave_tiling(
+    shape: tuple[int, int, int], block_c: int, block_n: int, block_s: int, programs: int
+) -> Tiling | None:
+    """An elementwise kernel's splits for one wave of programs, each of two steps or more: the
+    fewest splits that give ``ELEMENTWISE_PROGRAMS_PER_SM`` programs per SM or more, and at most
+    ``PROGRAMS_PER_SM`` (``programs`` is the latter's grid); None where the tensor is too small or
+    no split count lands there (whole steps per split)."""
+    batch, channels, spatial = shape
+    channel_blocks = _cdiv(channels, block_c)
+    least = programs * ELEMENTWISE_PROGRAMS_PER_SM // PROGRAMS_PER_SM
+    steps = _cdiv(max(batch, 1), block_n) * _cdiv(max(spatial, 1), block_s)
+    if channel_blocks * steps < 2 * least:
+        return None
+    for wanted in range(_cdiv(least, channel_blocks), programs // channel_blocks + 1):
+        for at_most in (False, True):
+            tiling = _with_splits(shape, block_c, block_n, block_s, wanted, 2**30, at_most)
+            if least <= channel_blocks * tiling.splits <= programs:
+                return tiling
+    return None
+
+
+def choose_tiling(
+    view: torch.Tensor,
+    programs: int,
+    reduction: bool = True,
+    fold: int = 1,
+    reads: int = 1,
+    single_wave: bool = False,
+) -> Tiling:
     """Block sizes and splits for ``view`` ``[N, C, S]`` (already collapsed), aiming at ``programs``
     programs.
 
@@ -245,11 +283,16 @@ def choose_tiling(view: torch.Tensor, programs: int, reduction: bool = True, fol
     positions along the contiguous spatial axis. Block sizes depend only on the shape, dtype
     and layout, never on timing, so a reduction's order is fixed by the shape. Reductions
     (``reduction=True``) split a channel over at most ``MAX_SPLITS`` programs; the elementwise
-    kernels split freely, aiming at ``_ELEMENTWISE_STEPS`` steps per program on large tensors.
-    The result is cached per (shape, layout, element size, programs, reduction): the launchers
-    ask on every call, with the same few shapes.
+    kernels split freely: with ``single_wave`` (a kernel that holds PROGRAMS_PER_SM programs per
+    SM or more) one wave of 4-5 programs per SM (``_one_wave_tiling``) where the tensor has two
+    steps or more for each, else ``_ELEMENTWISE_STEPS`` steps per program on large tensors.
+    ``reads``: the tensors each program of an elementwise kernel loads (its warps,
+    ``_one_small_step``). The result is cached per (shape, layout, element size, programs,
+    reduction, fold, reads, single_wave): the launchers ask on every call, with the same few shapes.
     """
-    return _cached_tiling(tuple(view.shape), layout_of(view), view.element_size(), programs, reduction, None, fold)
+    return _cached_tiling(
+        tuple(view.shape), layout_of(view), view.element_size(), programs, reduction, None, fold, reads, single_wave
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -261,6 +304,8 @@ def _cached_tiling(
     reduction: bool,
     config: tuning.ElementwiseConfig | None = None,
     fold: int = 1,
+    reads: int = 1,
+    single_wave: bool = False,
 ) -> Tiling:
     """``choose_tiling``'s work; ``config`` (elementwise kernels only) replaces the elements per
     thread, warps and steps per program of the heuristic."""
@@ -287,25 +332,38 @@ def _cached_tiling(
         else:
             block_s //= 2
     wanted = _cdiv(programs, channel_blocks)
+    tiling = None
     if not reduction:
         steps = _cdiv(max(batch, 1), block_n) * _cdiv(max(spatial, 1), block_s)
+        if config is None and single_wave:
+            tiling = _one_wave_tiling(shape, block_c, block_n, block_s, programs)
         wanted = max(wanted, _cdiv(steps, elementwise_steps))
-    tiling = _with_splits(shape, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
-    if config is None and _one_small_step(tiling, itemsize):
+    if tiling is None:
+        tiling = _with_splits(shape, block_c, block_n, block_s, wanted, MAX_SPLITS if reduction else 2**30)
+    if config is None and _one_small_step(tiling, itemsize, reduction, reads):
         num_warps = _NUM_WARPS // 2
     return tiling if num_warps == _NUM_WARPS else replace(tiling, num_warps=num_warps)
 
 
-def _one_small_step(tiling: Tiling, itemsize: int) -> bool:
-    """Whether ``tiling``'s programs take one step each of 16-bit elements, fewer than
-    ``_THREAD_ELEMENTS x 4`` bytes per thread (small tensors cut back to give every program a
-    step: S2, 256 x 4096). Such a step runs on half the warps, the same elements per program: a
-    program's float64 prologue and epilogue, not its step, set its registers, so the bytes each
-    thread has in flight double (sm_90, S2 bf16: normalize 82 -> 54 registers for 32 bytes a
-    thread instead of 16, every program resident; the gradient sums 96 -> 126 for 64 bytes,
-    still every program resident; the model: forward 13.4 -> 11.2 us, backward 14.0 -> 10.5).
-    Not fp32: S2 fp32's forward went 9.9 -> 11.2 us in the model."""
-    return itemsize == 2 and tiling.steps() == 1 and tiling.thread_elements * itemsize < _THREAD_ELEMENTS * 4
+def _one_small_step(tiling: Tiling, itemsize: int, reduction: bool, reads: int = 1) -> bool:
+    """Whether ``tiling``'s programs take one small step each of 16-bit elements (small tensors cut
+    back to give every program a step: S2, 256 x 4096; S1 channels_last). Such a step runs on half
+    the warps, the same elements per program: a program's float64 prologue and epilogue, not its
+    step, set its registers, so the bytes each thread has in flight double (sm_90, S2 bf16:
+    normalize 82 -> 54 registers for 32 bytes a thread instead of 16, every program resident; the
+    gradient sums 96 -> 126 for 64 bytes, still every program resident; the model: forward 13.4
+    -> 11.2 us, backward 14.0 -> 10.5). Not fp32: S2 fp32's forward went 9.9 -> 11.2 us.
+
+    Small: a reduction's per-lane accumulators grow with the elements a thread holds, so it
+    halves its warps below ``SMALL_STEP_BYTES / 2`` a thread of each tensor (S2's 32; S1
+    channels_last's 64-byte statistics on 2 warps took 138-168 registers, one program per SM of
+    its grid left for a last wave). An elementwise kernel halves them below ``SMALL_STEP_BYTES``
+    a thread over the ``reads`` tensors it reads: S1 channels_last's normalize (x: 64 bytes), 5 ->
+    10 resident programs, 40 -> 48 KB in flight; not its dx (dy and x: 128 bytes), whose 4-6
+    resident programs on 2 warps no longer held the 6.06 per SM of the grid."""
+    per_tensor = tiling.thread_elements * itemsize
+    small = per_tensor < SMALL_STEP_BYTES // 2 if reduction else per_tensor * reads < SMALL_STEP_BYTES
+    return itemsize == 2 and tiling.steps() == 1 and small
 
 
 # Channel runs: the least fraction of a run's lanes that must hold elements.
@@ -465,6 +523,8 @@ def elementwise_tiling(
     dispatch: Dispatch = _DEFAULT_DISPATCH,
     runs: tuple[torch.Tensor | None, ...] | None = None,
     one_wave: bool = False,
+    reads: int = 1,
+    single_wave: bool = False,
 ) -> Tiling:
     """The tiling of an elementwise kernel (``tuning.KERNELS``) on ``view`` ``[N, C, S]``: the
     tuned configuration of the dispatch's (or the process's) table for this key, else the
@@ -486,8 +546,10 @@ def elementwise_tiling(
             return tiling
         interior = interior_length(view, *runs)
         if interior is not None:
-            return replace(choose_tiling(_interior_view(view, interior), programs, reduction=False), interior=interior)
-    return choose_tiling(view, programs, reduction=False)
+            interior_view = _interior_view(view, interior)
+            tiling = choose_tiling(interior_view, programs, reduction=False, reads=reads, single_wave=single_wave)
+            return replace(tiling, interior=interior)
+    return choose_tiling(view, programs, reduction=False, reads=reads, single_wave=single_wave)
 
 
 # A view's geometry for the cached launch decisions: (shape, strides, element size).
@@ -721,14 +783,72 @@ def _statistics_tiling(x: torch.Tensor, forced: Tiling | None, programs: int) ->
     tiling = choose_tiling(x, programs)
     if x.element_size() != 2:
         return tiling, 1
-    folded = choose_tiling(x, programs, fold=STATISTICS_FOLD)
+    return _folded_statistics_tiling(tiling, choose_tiling(x, programs, fold=STATISTICS_FOLD), tuple(x.shape))
+
+
+def _folded_statistics_tiling(tiling: Tiling, folded: Tiling, shape: tuple[int, int, int]) -> tuple[Tiling, int]:
+    """``_statistics_tiling`` for 16-bit inputs, from the usual tiling and the one with twice the
+    elements per step."""
     cut_back = folded.block_c * folded.block_m < STATISTICS_FOLD * tiling.block_c * tiling.block_m
     if cut_back or folded.block_n % STATISTICS_FOLD:
         # The larger steps were cut back (too few steps for the grid) or cannot fold: the usual
         # step, its accumulators folded where that stays within each thread (S1 channels_last:
         # 106 -> 72 registers, 4 -> 6 resident programs, loop 159 -> 165 instructions).
         return tiling, STATISTICS_FOLD if _folds_within_threads(tiling, STATISTICS_FOLD) else 1
+    narrow = replace(tiling, num_warps=tiling.num_warps // STATISTICS_FOLD)
+    gain = lane_utilization(shape, tiling) - lane_utilization(shape, folded)
+    halves = tiling.num_warps == _NUM_WARPS and _folds_within_threads(narrow, STATISTICS_FOLD)
+    if halves and gain > MIN_UTILIZATION_GAIN:
+        # The larger steps pad the rows more (S9 bf16, rows of 9400: 2 x 4096 positions a step,
+        # 77% of the lanes hold elements; 2 x 2048, 92%): the usual steps on half the warps, each
+        # thread with the folded step's elements (sm_90: the same 128 bytes and loop a thread).
+        return narrow, STATISTICS_FOLD
     return folded, STATISTICS_FOLD
+
+
+# Registers per thread of the statistics' programs that take the usual 16-bit steps on half the
+# warps (_folded_statistics_tiling): 6 programs of 2 warps per SM (65536 / (64 x 168)). sm_90, S9
+# bf16: 176 -> 168 registers (two spill accesses outside the loop; 160 spilled 16, 9 in the loop),
+# 5 -> 6 resident programs, so that its 2048 programs run in 2.6 waves, not 3.1 (the model: the
+# last wave's 0.1 of a wave took 0.6 of one, forward 60.4 -> 58.x us).
+NARROW_STATISTICS_REGISTERS = 168
+
+
+def _statistics_registers(tiling: Tiling, fold: int) -> dict[str, int]:
+    """The statistics launch's register cap (``maxnreg``), where it has one."""
+    narrow = fold == STATISTICS_FOLD and tiling.num_warps == _NUM_WARPS // STATISTICS_FOLD and not tiling.run_channels
+    return {"maxnreg": NARROW_STATISTICS_REGISTERS} if narrow else {}
+
+
+# The least gain in lane utilization for which the statistics of 16-bit inputs take the usual
+# steps on half the warps rather than steps of twice the elements (_folded_statistics_tiling).
+MIN_UTILIZATION_GAIN = 0.05
+
+
+def _padded(length: int, chunk: int, block: int) -> int:
+    """Positions (or samples) that splits of ``chunk`` walk over ``length``, in whole blocks."""
+    whole, rest = divmod(length, chunk)
+    return whole * _cdiv(chunk, block) * block + _cdiv(rest, block) * block
+
+
+def lane_utilization(shape: tuple[int, int, int], tiling: Tiling) -> float:
+    """The fraction of the lanes ``tiling``'s steps walk over a ``[N, C, S]`` view that hold
+    elements (each split pads its rectangle to whole steps; channel blocks are not counted)."""
+    batch, _, spatial = shape
+    lanes = _padded(batch, tiling.chunk_n, tiling.block_n) * _padded(spatial, tiling.chunk_s, tiling.block_s)
+    return batch * spatial / lanes if lanes else 1.0
+
+
+def _statistics_tail_loop(x: torch.Tensor) -> bool:
+    """Whether the statistics walk a split's partial last column in a loop of their own
+    (``kernels/stats.py``, ``TAIL_LOOP``; it applies where N is whole and S is not), so that the
+    whole steps read with no select: for 16-bit inputs, whose loop is issue-bound (4 instructions
+    per element). sm_90, S5 bf16 (rows of 784 in steps of 128 positions): loop 344 -> 320 SASS
+    (322 over both loops' steps), the model's issue need 1.58 -> 1.48.
+    Not fp32 (its loop needs at most 1.0 of 2.5): there the split loops' fewer registers (S5:
+    76 -> 72, 7 resident programs of 7.76 per SM) left a last wave of 100 programs, and the
+    model's S5 fp32 forward went 156.7 -> 162.9 us."""
+    return x.element_size() == 2
 
 
 def _folds_within_threads(tiling: Tiling, fold: int) -> bool:
@@ -812,7 +932,8 @@ def partial_stats(
         (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
         dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
              NUM_STAGES=_reduction_stages(tiling), FOLD=fold, **_whole_steps(x, tiling), **merge,
-             **_edges(x, tiling), **_blocks(tiling)),
+             **_edges(x, tiling), TAIL_LOOP=_statistics_tail_loop(x), **_statistics_registers(tiling, fold),
+             **_blocks(tiling)),
     )  # fmt: skip
     return packed
 
@@ -856,7 +977,7 @@ def normalize(
     tiling = tiling.refit(x) if tiling else elementwise_tiling(
         "normalize", x, lambda: dict(BATCH_STATS=batch_stats, CUMULATIVE=cumulative, ACTIVATION=activation,
                                      RESIDUAL=residual is not None, SAME_STRIDES=_same_strides(geometries)),
-        dispatch, runs=(out, residual), one_wave=True,
+        dispatch, runs=(out, residual), one_wave=True, reads=1 + (residual is not None), single_wave=True,
     )  # fmt: skip
     acc_dtype = accumulation_dtype(x.dtype)
     mean = torch.empty(channels, dtype=acc_dtype, device=x.device)
@@ -993,7 +1114,8 @@ def backward_dx(
         "backward_dx", x, lambda: dict(BATCH_STATS=sums is not None, ACTIVATION=activation,
                                        RESIDUAL=residual is not None, GRAD_RESIDUAL=grad_residual is not None,
                                        INPUT_GRAD=out is not None, SAME_STRIDES=_same_strides(geometries)),
-        dispatch, runs=(grad_out, out, residual_layout),
+        dispatch, runs=(grad_out, out, residual_layout), reads=2 + (residual is not None),
+        single_wave=_dx_single_wave(x),
     )  # fmt: skip
     int64, vec, cvec, same_strides = _access(tiling, geometries)
     stages = _elementwise_stages(tiling) if vec > 1 or cvec > 1 else 1
@@ -1006,6 +1128,15 @@ def backward_dx(
              INT64=int64, VEC=vec, CVEC=cvec, SAME_STRIDES=same_strides, NUM_STAGES=stages,
              **_runs(x, tiling), **_blocks(tiling)),
     )  # fmt: skip
+
+
+def _dx_single_wave(x: torch.Tensor) -> bool:
+    """Whether the input gradient takes the one-wave grid (``_one_wave_tiling``): where it holds 5
+    programs per SM or more. Not for 16-bit channels_last: the per-channel coefficients of its 8
+    channels a thread take 110-119 registers on sm_90, 4 programs per SM, and the one-wave grid's
+    4-5 per SM left a last wave of a few programs (the model: S5-S11 channels_last bf16 backward
+    12-20% slower); its grid of 16-step programs runs 1.5 waves or more."""
+    return not (x.element_size() == 2 and layout_of(x) == "channels_last")
 
 
 def derivative_from_output(epilogue: Epilogue) -> bool:
