@@ -303,14 +303,9 @@ def _utilization(launch: KernelLaunch, numel: int) -> float:
         rows = block_n // kwargs.get("FOLD", 1)  # a split's last step reads only its slices that hold rows
         slices = sum(triton.cdiv(min(chunk_n, n - n_lo), rows) for n_lo in range(0, n, chunk_n))
         return numel / (slices * launch.grid[0] * rows * block_s) if slices else 1.0
-    chunk_s = values["chunk_s"]
     if kwargs.get("EDGES"):  # the loop walks each row's aligned interior; its few edge elements come after
         numel = numel * s // kwargs["channel_size"]
-    steps = 0
-    for n_lo in range(0, max(n, 1), chunk_n):
-        rows = triton.cdiv(min(chunk_n, n - n_lo), block_n) if n else 0
-        for s_lo in range(0, s, chunk_s):
-            steps += rows * triton.cdiv(min(chunk_s, s - s_lo), block_s)
+    steps = sum(column_steps(launch))
     tile_channels = 1 if kwargs.get("RUN_CHANNELS") else block_c  # channel runs: a [1, BLOCK_M] tile
     lanes = steps * launch.grid[0] * tile_channels * block_n * block_s
     return numel / lanes if lanes else 1.0

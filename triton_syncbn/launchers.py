@@ -133,6 +133,8 @@ class Tiling:
     # Edges mode (contiguous layout, S odd and long; interior_length): the blocks and splits cover
     # each row's aligned interior of this many positions, the rest after the loop; 0: off.
     interior: int = 0
+    # A register cap per thread (Triton's maxnreg), set by the tiling that needs it; 0: none.
+    max_registers: int = 0
 
     @property
     def block_m(self) -> int:
@@ -673,8 +675,9 @@ def _runs(view: torch.Tensor, tiling: Tiling) -> dict[str, int | bool]:
 
 
 def _blocks(tiling: Tiling) -> dict[str, int]:
+    cap = {"maxnreg": tiling.max_registers} if tiling.max_registers else {}
     return {"BLOCK_C": tiling.block_c, "BLOCK_N": tiling.block_n, "BLOCK_S": tiling.block_s,
-            "num_warps": tiling.num_warps}  # fmt: skip
+            "num_warps": tiling.num_warps, **cap}  # fmt: skip
 
 
 class MergePlan(NamedTuple):
@@ -786,16 +789,17 @@ def _statistics_tiling(x: torch.Tensor, forced: Tiling | None, programs: int) ->
     return _folded_statistics_tiling(tiling, choose_tiling(x, programs, fold=STATISTICS_FOLD), tuple(x.shape))
 
 
+@functools.lru_cache(maxsize=4096)
 def _folded_statistics_tiling(tiling: Tiling, folded: Tiling, shape: tuple[int, int, int]) -> tuple[Tiling, int]:
     """``_statistics_tiling`` for 16-bit inputs, from the usual tiling and the one with twice the
-    elements per step."""
+    elements per step (cached: the launcher asks on every call)."""
     cut_back = folded.block_c * folded.block_m < STATISTICS_FOLD * tiling.block_c * tiling.block_m
     if cut_back or folded.block_n % STATISTICS_FOLD:
         # The larger steps were cut back (too few steps for the grid) or cannot fold: the usual
         # step, its accumulators folded where that stays within each thread (S1 channels_last:
         # 106 -> 72 registers, 4 -> 6 resident programs, loop 159 -> 165 instructions).
         return tiling, STATISTICS_FOLD if _folds_within_threads(tiling, STATISTICS_FOLD) else 1
-    narrow = replace(tiling, num_warps=tiling.num_warps // STATISTICS_FOLD)
+    narrow = replace(tiling, num_warps=tiling.num_warps // STATISTICS_FOLD, max_registers=NARROW_STATISTICS_REGISTERS)
     gain = lane_utilization(shape, tiling) - lane_utilization(shape, folded)
     halves = tiling.num_warps == _NUM_WARPS and _folds_within_threads(narrow, STATISTICS_FOLD)
     if halves and gain > MIN_UTILIZATION_GAIN:
@@ -812,12 +816,6 @@ def _folded_statistics_tiling(tiling: Tiling, folded: Tiling, shape: tuple[int, 
 # 9 instructions longer), 5 -> 6 resident programs, so that its 2048 programs run in 2.6 waves, not
 # 3.1 (the model: the last wave's 0.1 of a wave took 0.6 of one; forward 60.4 -> 57.8 us).
 NARROW_STATISTICS_REGISTERS = 168
-
-
-def _statistics_registers(tiling: Tiling, fold: int) -> dict[str, int]:
-    """The statistics launch's register cap (``maxnreg``), where it has one."""
-    narrow = fold == STATISTICS_FOLD and tiling.num_warps == _NUM_WARPS // STATISTICS_FOLD and not tiling.run_channels
-    return {"maxnreg": NARROW_STATISTICS_REGISTERS} if narrow else {}
 
 
 # The least gain in lane utilization for which the statistics of 16-bit inputs take the usual
@@ -932,8 +930,7 @@ def partial_stats(
         (x, packed, partials, tickets, channels, *_geometry(x, tiling), tiling.splits, *x.stride()),
         dict(ACC_DTYPE=_tl_dtype(acc_dtype), INT64=int64, VEC=vec, CVEC=cvec,
              NUM_STAGES=_reduction_stages(tiling), FOLD=fold, **_whole_steps(x, tiling), **merge,
-             **_edges(x, tiling), TAIL_LOOP=_statistics_tail_loop(x), **_statistics_registers(tiling, fold),
-             **_blocks(tiling)),
+             **_edges(x, tiling), TAIL_LOOP=_statistics_tail_loop(x), **_blocks(tiling)),
     )  # fmt: skip
     return packed
 
